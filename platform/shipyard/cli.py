@@ -1,0 +1,137 @@
+"""The `shipyard` command: parse arguments, call one function, print the outcome."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from shipyard.errors import ShipyardError
+
+SPEC_ERROR_EXIT = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; errors Shipyard understands are printed without a traceback."""
+    args = _parser().parse_args(argv)
+    console = Console(stderr=False)
+    try:
+        return args.command(args, console)
+    except ShipyardError as error:
+        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        return SPEC_ERROR_EXIT
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted; Ray was shut down. Re-run to resume.")
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shipyard", description="Train, sweep and serve models on Ray with DeepSpeed."
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a job spec (resumes if it has checkpoints)")
+    train.add_argument("job", help="path of the job spec YAML, e.g. jobs/tiny-gpt.yaml")
+    train.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or embedded)")
+    train.add_argument(
+        "--stop-at-step", type=int, help="stop at this step with a checkpoint; re-run to continue"
+    )
+    train.add_argument("--verbose", action="store_true", help="show Ray's and workers' logs")
+    train.set_defaults(command=_train)
+
+    plan = commands.add_parser("plan", help="validate a job spec and print its parallel plan")
+    plan.add_argument("job", help="path of the job spec YAML")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(command=_plan)
+    return parser
+
+
+def _plan(args: argparse.Namespace, console: Console) -> int:
+    from shipyard.plan.plan import make_plan
+    from shipyard.spec.load import load_job
+
+    job = load_job(args.job)
+    plan = make_plan(job)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        console.print(f"[bold]{job.name}[/]: {args.job}\n{plan.explain()}", highlight=False)
+    return 0
+
+
+def _train(args: argparse.Namespace, console: Console) -> int:
+    from shipyard.plan.plan import make_plan
+    from shipyard.runtime.local import ray_runtime
+    from shipyard.spec.load import load_job
+    from shipyard.train.trainer import run_training
+
+    job = load_job(args.job)  # decide first: a bad spec fails before Ray starts
+    console.print(f"[bold]{job.name}[/]  {make_plan(job).explain()}", highlight=False)
+    final_step = min(job.train.max_steps, args.stop_at_step or job.train.max_steps)
+    with ray_runtime(args.address, verbose=args.verbose), _progress(console) as progress:
+        task = progress.add_task("starting Ray Train workers", total=final_step, status="")
+
+        def show(row: dict) -> None:
+            progress.update(task, completed=row["step"], description="training", status=_status(row))
+
+        def show_corpus(corpus) -> None:
+            progress.update(
+                task,
+                status=f"{corpus.files} files → {corpus.train_windows} training windows",
+            )
+
+        result = run_training(job, on_metrics=show, on_corpus=show_corpus, stop_at_step=args.stop_at_step)
+    _summary(console, job, result, args)
+    return 0
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=console,
+    )
+
+
+def _status(row: dict) -> str:
+    parts = [f"loss {row['loss']:.4f}"] if "loss" in row else []
+    if "val_loss" in row:
+        parts.append(f"val {row['val_loss']:.4f}")
+    if "lr" in row:
+        parts.append(f"lr {row['lr']:.2e}")
+    if "tokens_per_s" in row:
+        parts.append(f"{row['tokens_per_s']:,.0f} tok/s")
+    return "  ".join(parts)
+
+
+def _summary(console: Console, job, result, args: argparse.Namespace) -> None:
+    final = result.final
+    table = Table(title=f"{job.name}: step {final.get('step', '?')} of {job.train.max_steps}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("loss", "val_loss", "lr", "tokens_per_s", "step_time_s", "epoch"):
+        if key in final:
+            table.add_row(key, f"{final[key]:.4g}")
+    console.print(table)
+    if final.get("already_complete"):
+        console.print("Nothing to do: this job already reached train.max_steps.")
+    elif final.get("resumed_from_step"):
+        console.print(f"Resumed from the checkpoint at step {final['resumed_from_step']}.")
+    console.print(f"Checkpoint: {result.checkpoint_path}", highlight=False)
+    if final.get("step", 0) < job.train.max_steps:
+        console.print(f"Next: shipyard train {args.job}   (continues from this checkpoint)")
+    else:
+        console.print(f"Next: raise train.max_steps in {args.job} and re-run to train further.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

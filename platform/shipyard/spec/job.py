@@ -1,0 +1,178 @@
+"""The job spec: a typed, validated model of `jobs/*.yaml`.
+
+Every field checks itself; rules that tie fields together live in `model_validator`s and
+name each field by its full dotted path, so the loader can report them as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+BYTE_VOCABULARY = 256  # the corpus is tokenized as raw bytes
+PYTHON_STDLIB = "python-stdlib"
+
+
+class Strict(BaseModel):
+    """Base for spec sections: unknown keys are errors, values are frozen once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Strict):
+    """A decoder-only transformer (GPT) built from these numbers; no weights are downloaded."""
+
+    layers: int = Field(4, ge=1)
+    heads: int = Field(4, ge=1)
+    width: int = Field(128, ge=8)
+    sequence_length: int = Field(128, ge=8)
+    vocabulary_size: int = Field(BYTE_VOCABULARY, ge=BYTE_VOCABULARY)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    activation_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelSpec:
+        if self.width % self.heads:
+            raise ValueError(
+                f"model.heads: {self.heads} does not divide model.width {self.width}. "
+                f"To fix: pick heads from {_divisors(self.width)}, or change the width."
+            )
+        return self
+
+
+class DataSpec(Strict):
+    """Where the training text comes from and how it is split."""
+
+    source: str = Field(
+        PYTHON_STDLIB,
+        description="'python-stdlib' (this machine's Python standard library source), "
+        "or a path to a .txt/.jsonl file or a folder of text files.",
+    )
+    text_field: str = "text"
+    max_bytes: int | None = Field(4_000_000, ge=1024)
+    validation_fraction: float = Field(0.05, gt=0.0, le=0.5)
+
+
+class TrainSpec(Strict):
+    """How to train: parallelism, precision, batch, optimizer, schedule, and cadence."""
+
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    offload_optimizer: bool = False
+    offload_parameters: bool = False
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    micro_batch_size: int = Field(8, ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    global_batch_size: int | None = Field(None, ge=1)
+    pipeline_stages: int = Field(1, ge=1)
+
+    optimizer: Literal["adamw", "adam"] = "adamw"
+    lr: float = Field(1e-3, gt=0, le=10)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
+        0.9,
+        0.95,
+    )
+    gradient_clipping: float = Field(1.0, ge=0)
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+
+    max_steps: int = Field(100, ge=1)
+    seed: int = Field(0, ge=0)
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(50, ge=1)
+    eval_batches: int = Field(4, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Model replicas: workers not spent on pipeline stages."""
+        return self.num_workers // self.pipeline_stages
+
+    @model_validator(mode="after")
+    def _parallelism_is_consistent(self) -> TrainSpec:
+        if self.num_workers % self.pipeline_stages:
+            raise ValueError(
+                f"train.num_workers: {self.num_workers} is not divisible by "
+                f"train.pipeline_stages {self.pipeline_stages}. To fix: use a multiple of "
+                f"{self.pipeline_stages} workers."
+            )
+        if self.pipeline_stages > 1 and self.zero_stage > 1:
+            raise ValueError(
+                f"train.zero_stage: {self.zero_stage} cannot be combined with "
+                f"train.pipeline_stages {self.pipeline_stages}; DeepSpeed's pipeline engine "
+                "allows zero_stage 0 or 1. To fix: set zero_stage to 0 or 1, or pipeline_stages "
+                "to 1."
+            )
+        if self.offload_parameters and self.zero_stage != 3:
+            raise ValueError(
+                f"train.offload_parameters: parameter offload needs train.zero_stage 3, got "
+                f"{self.zero_stage}. To fix: set zero_stage: 3 or offload_parameters: false."
+            )
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError(
+                "train.offload_optimizer: optimizer offload needs train.zero_stage 1, 2 or 3, "
+                "got 0. To fix: raise zero_stage or set offload_optimizer: false."
+            )
+        if self.precision == "fp16" and self.gpus_per_worker == 0:
+            raise ValueError(
+                "train.precision: fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16), "
+                "but train.gpus_per_worker is 0. To fix: use precision bf16 or fp32 on CPU."
+            )
+        expected = self.micro_batch_size * self.gradient_accumulation * self.data_parallel_size
+        if self.global_batch_size is not None and self.global_batch_size != expected:
+            raise ValueError(
+                f"train.global_batch_size: {self.global_batch_size} does not equal "
+                f"micro_batch_size {self.micro_batch_size} × gradient_accumulation "
+                f"{self.gradient_accumulation} × data-parallel workers {self.data_parallel_size} "
+                f"= {expected}. To fix: set it to {expected}, or remove it."
+            )
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(
+                f"train.warmup_steps: {self.warmup_steps} is longer than train.max_steps "
+                f"{self.max_steps}. To fix: use at most {self.max_steps} warmup steps."
+            )
+        return self
+
+
+class FailureSpec(Strict):
+    """How often Ray Train restarts a failed worker group from the last checkpoint."""
+
+    max_failures: int = Field(1, ge=0)
+
+
+class JobSpec(Strict):
+    """One job: what model, on what data, trained how, saved where."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+    model: ModelSpec = ModelSpec()
+    data: DataSpec = DataSpec()
+    train: TrainSpec = TrainSpec()
+    storage: str = Field(
+        "runs", min_length=1, description="Folder under which each job keeps its checkpoints."
+    )
+    failure: FailureSpec = FailureSpec()
+
+    @model_validator(mode="after")
+    def _fits_the_model(self) -> JobSpec:
+        if self.train.pipeline_stages > self.model.layers:
+            raise ValueError(
+                f"train.pipeline_stages: {self.train.pipeline_stages} is more than "
+                f"model.layers {self.model.layers}; every stage needs at least one layer. "
+                f"To fix: use at most {self.model.layers} stages."
+            )
+        if self.storage.startswith(("s3://", "gs://", "gcs://")):
+            raise ValueError(
+                f"storage: {self.storage!r} is cloud storage, which this version cannot use yet. "
+                "To fix: give a local folder such as 'runs'."
+            )
+        return self
+
+
+def _divisors(number: int) -> list[int]:
+    return [d for d in range(1, number + 1) if number % d == 0]

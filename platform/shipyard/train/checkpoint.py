@@ -1,0 +1,45 @@
+"""Where Shipyard's checkpoints are and what they hold, read without starting Ray."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CHECKPOINT_TAG = "deepspeed"  # DeepSpeed's tag folder inside every Ray checkpoint
+METADATA_FILE = "shipyard.json"  # job spec, plan and metrics, written by rank 0
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """One checkpoint folder of a job and the metadata saved beside it."""
+
+    path: Path
+    step: int
+    job: dict[str, Any]
+    plan: dict[str, Any]
+    metrics: dict[str, Any]
+
+
+def saved_checkpoints(storage: str, job_name: str) -> list[SavedCheckpoint]:
+    """The job's complete checkpoints under `storage`, oldest step first."""
+    found = []
+    for metadata_file in Path(storage, job_name).glob(f"checkpoint_*/{METADATA_FILE}"):
+        metadata = json.loads(metadata_file.read_text())
+        found.append(
+            SavedCheckpoint(
+                path=metadata_file.parent,
+                step=int(metadata["metrics"]["step"]),
+                job=metadata["job"],
+                plan=metadata["plan"],
+                metrics=metadata["metrics"],
+            )
+        )
+    return sorted(found, key=lambda checkpoint: checkpoint.step)
+
+
+def latest_checkpoint(storage: str, job_name: str) -> SavedCheckpoint | None:
+    """The checkpoint a re-run of the job resumes from, if any."""
+    checkpoints = saved_checkpoints(storage, job_name)
+    return checkpoints[-1] if checkpoints else None

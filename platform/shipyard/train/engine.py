@@ -1,0 +1,71 @@
+"""Building the DeepSpeed engine: the whole GPT for data parallel/ZeRO, stages for pipelines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from deepspeed.runtime.pipe import LayerSpec, PipelineModule
+from torch.optim.lr_scheduler import LambdaLR
+
+from shipyard.models.gpt import GPT, language_model_loss, layer_recipes
+from shipyard.plan.plan import ParallelPlan
+from shipyard.spec.job import JobSpec
+from shipyard.train.schedule import lr_factor
+
+
+def build_engine(job: JobSpec, plan: ParallelPlan, config: dict[str, Any]):
+    """deepspeed.initialize on the model this plan calls for, with Shipyard's LR schedule."""
+    import deepspeed
+
+    model = build_model(job, plan)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=config,
+        lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda step: lr_factor(step, job.train)),
+    )
+    return engine
+
+
+def build_model(job: JobSpec, plan: ParallelPlan) -> torch.nn.Module:
+    """The GPT whole, or as this rank's pipeline stage with the plan's blocks per stage."""
+    if plan.pipeline_stages == 1:
+        return GPT(job.model, job.train.seed)
+    from deepspeed.checkpointing import non_reentrant_checkpoint
+
+    return PlannedPipeline(
+        blocks_per_stage=plan.layers_per_stage,
+        layers=[LayerSpec(cls, *args) for cls, *args in layer_recipes(job.model, job.train.seed)],
+        num_stages=plan.pipeline_stages,
+        loss_fn=_pipeline_loss,
+        activation_checkpoint_interval=1 if job.model.activation_checkpointing else 0,
+        activation_checkpoint_func=non_reentrant_checkpoint,
+        checkpointable_layers=["Block"],
+    )
+
+
+class PlannedPipeline(PipelineModule):
+    """A PipelineModule whose stages hold the planned number of transformer blocks.
+
+    DeepSpeed only splits uniformly or by parameter count; the planner decides per stage (a faster
+    device gets more blocks), so we set the stage boundaries ourselves. The embedding goes with the
+    first stage and the output head with the last.
+    """
+
+    def __init__(self, blocks_per_stage: tuple[int, ...], **kwargs):
+        self._blocks_per_stage = blocks_per_stage  # read by _partition_layers during __init__
+        super().__init__(**kwargs)
+
+    def _partition_layers(self, method: str = "uniform") -> None:
+        boundaries = [0]
+        for blocks in self._blocks_per_stage:
+            boundaries.append(boundaries[-1] + blocks + (1 if len(boundaries) == 1 else 0))
+        boundaries[-1] += 1  # the head
+        self.parts = boundaries
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=boundaries[stage], stop=boundaries[stage + 1])
+
+
+def _pipeline_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return language_model_loss(logits, targets)

@@ -1,0 +1,222 @@
+"""Driver side of training: check, build the Ray TorchTrainer from a plan, run it, summarise."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.queue import Queue
+
+from shipyard.data.corpus import Corpus, build_corpus
+from shipyard.data.shards import DataParallelShards
+from shipyard.errors import ResourceError, SpecError, TrainingError
+from shipyard.plan.plan import ParallelPlan, make_plan
+from shipyard.spec.job import JobSpec
+from shipyard.train.checkpoint import latest_checkpoint
+from shipyard.train.worker import Fault, train_loop
+
+Metrics = dict[str, Any]
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced: every reported metric row, the last one, the checkpoint."""
+
+    history: list[Metrics] = field(default_factory=list)
+    checkpoint_path: str | None = None
+
+    @property
+    def final(self) -> Metrics:
+        """The last metrics reported (empty if nothing was reported)."""
+        return self.history[-1] if self.history else {}
+
+
+def run_training(
+    job: JobSpec,
+    *,
+    on_metrics: Callable[[Metrics], None] | None = None,
+    on_corpus: Callable[[Corpus], None] | None = None,
+    stop_at_step: int | None = None,
+    fault: Fault | None = None,
+) -> TrainResult:
+    """Train `job` on the Ray cluster this process is connected to; resumes if it can.
+
+    `stop_at_step` ends this invocation early (with a checkpoint) so a later run can continue.
+    """
+    plan = make_plan(job)
+    check_resources(plan, ray.cluster_resources())
+    check_resumable(job)
+    corpus = build_corpus(job.data, job.model.sequence_length)
+    check_enough_data(corpus, plan, job)
+    if on_corpus:
+        on_corpus(corpus)
+    metrics_queue = Queue(actor_options={"num_cpus": 0})
+    trainer = build_trainer(job, plan, corpus, metrics_queue, stop_at_step, fault)
+    result = TrainResult()
+    stop_draining = threading.Event()
+    drain = threading.Thread(
+        target=_drain, args=(metrics_queue, result.history, on_metrics, stop_draining), daemon=True
+    )
+    drain.start()
+    try:
+        outcome = trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        raise TrainingError(f"training job {job.name!r} failed: {_worker_message(error)}") from None
+    finally:
+        stop_draining.set()
+        drain.join()
+        _drain_now(metrics_queue, result.history, on_metrics)
+        ray.kill(metrics_queue.actor)
+    result.checkpoint_path = outcome.checkpoint.path if outcome.checkpoint else None
+    return result
+
+
+def build_trainer(
+    job: JobSpec,
+    plan: ParallelPlan,
+    corpus: Corpus,
+    metrics_queue: Queue,
+    stop_at_step: int | None = None,
+    fault: Fault | None = None,
+) -> TorchTrainer:
+    """The TorchTrainer that runs `train_loop` on every rank as the plan says."""
+    resources = {"CPU": plan.cpus_per_worker}
+    if plan.gpus_per_worker:
+        resources["GPU"] = plan.gpus_per_worker
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "job": job.model_dump(mode="json"),
+            "plan": plan.to_dict(),
+            "stop_at_step": stop_at_step,
+            "fault": asdict(fault) if fault else None,
+        },
+        torch_config=TorchConfig(backend=plan.backend),
+        scaling_config=ScalingConfig(
+            num_workers=plan.num_workers,
+            use_gpu=plan.device == "cuda",
+            resources_per_worker=resources,
+        ),
+        run_config=RunConfig(
+            name=job.name,
+            storage_path=job.storage,
+            failure_config=FailureConfig(max_failures=job.failure.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
+            callbacks=[ForwardMetrics(metrics_queue)],
+        ),
+        datasets={"train": corpus.train, "validation": corpus.validation},
+        dataset_config=DataParallelShards(plan.data_parallel_size),
+    )
+
+
+class ForwardMetrics(UserCallback):
+    """Runs in the Train controller: forwards rank 0's metrics to the driver for live progress."""
+
+    def __init__(self, metrics_queue: Queue):
+        self.metrics_queue = metrics_queue
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        row = dict(metrics[0])
+        if checkpoint is not None:
+            row["checkpoint"] = checkpoint.path
+        self.metrics_queue.put(row)
+
+
+def check_resources(plan: ParallelPlan, cluster: dict[str, float]) -> None:
+    """Fail now, clearly, if the cluster can never fit the workers (Ray would wait forever)."""
+    for resource, per_worker in (("CPU", plan.cpus_per_worker), ("GPU", plan.gpus_per_worker)):
+        needed = per_worker * plan.num_workers
+        available = cluster.get(resource, 0.0)
+        if needed > available:
+            field_name = "cpus_per_worker" if resource == "CPU" else "gpus_per_worker"
+            raise ResourceError(
+                f"train.num_workers {plan.num_workers} × train.{field_name} {per_worker:g} needs "
+                f"{needed:g} {resource}s, but the Ray cluster has {available:g}. To fix: lower "
+                f"train.{field_name} or train.num_workers, or use a bigger cluster."
+            )
+
+
+def check_resumable(job: JobSpec) -> None:
+    """Refuse to resume a checkpoint of a different model or layout instead of corrupting it."""
+    saved = latest_checkpoint(job.storage, job.name)
+    if saved is None:
+        return
+    new = job.model_dump(mode="json")
+    for section, key in _STATE_SHAPING_FIELDS:
+        before, after = saved.job[section].get(key), new[section].get(key)
+        if before != after:
+            raise SpecError(
+                f"{section}.{key}: {after!r} differs from {before!r} in the checkpoint at "
+                f"{saved.path} (step {saved.step}) that job {job.name!r} would resume from. "
+                "To fix: give the job a new name, or change the field back; the saved "
+                "checkpoint is left untouched."
+            )
+
+
+# Fields whose change makes a saved DeepSpeed checkpoint unloadable (shapes or sharding).
+_STATE_SHAPING_FIELDS = (
+    ("model", "layers"),
+    ("model", "heads"),
+    ("model", "width"),
+    ("model", "sequence_length"),
+    ("model", "vocabulary_size"),
+    ("train", "num_workers"),
+    ("train", "pipeline_stages"),
+    ("train", "zero_stage"),
+)
+
+
+def check_enough_data(corpus: Corpus, plan: ParallelPlan, job: JobSpec) -> None:
+    """Every data-parallel replica needs at least one full micro-batch of each split."""
+    for split, windows in (("training", corpus.train_windows), ("validation", corpus.validation_windows)):
+        per_replica = windows // plan.data_parallel_size
+        if per_replica < plan.micro_batch_size:
+            raise SpecError(
+                f"data.source: {corpus.source!r} gives {windows} {split} windows of "
+                f"{job.model.sequence_length + 1} tokens, {per_replica} per data-parallel replica, "
+                f"fewer than train.micro_batch_size {plan.micro_batch_size}. To fix: use more "
+                "text (data.max_bytes), a shorter model.sequence_length or a smaller micro-batch."
+            )
+
+
+def _drain(metrics_queue: Queue, history, on_metrics, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            row = metrics_queue.get(timeout=0.5)
+        except (queue.Empty, ray.util.queue.Empty):
+            continue
+        except Exception:  # the queue actor is gone: the run ended
+            return
+        history.append(row)
+        if on_metrics:
+            on_metrics(row)
+
+
+def _drain_now(metrics_queue: Queue, history, on_metrics) -> None:
+    while True:
+        try:
+            row = metrics_queue.get_nowait()
+        except Exception:
+            return
+        history.append(row)
+        if on_metrics:
+            on_metrics(row)
+
+
+def _worker_message(error: Exception) -> str:
+    """The root cause a worker raised, without Ray's wrapping traceback."""
+    failures = getattr(error, "worker_failures", None) or {}
+    for rank, failure in sorted(failures.items()):
+        cause = failure
+        while getattr(cause, "cause", None) is not None:
+            cause = cause.cause
+        text = str(cause).strip().splitlines()
+        return f"rank {rank}: {text[-1] if text else type(cause).__name__}"
+    return str(error).strip().splitlines()[0]

@@ -1,0 +1,202 @@
+"""The loop every Ray Train worker runs: build the DeepSpeed engine, restore, train, report.
+
+Read top-down: setup, restore, then one optimizer step after another. A step is
+`gradient_accumulation` micro-batches; the data stream and the LR schedule are functions of the
+step number alone, so a run restored from a checkpoint continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import torch
+import torch.distributed as dist
+
+from shipyard.data.shards import evaluation_batches, load_shard, training_batches
+from shipyard.models.gpt import GPT, language_model_loss
+from shipyard.plan.plan import ParallelPlan
+from shipyard.spec.job import JobSpec
+from shipyard.train.checkpoint import CHECKPOINT_TAG, METADATA_FILE
+from shipyard.train.deepspeed_config import deepspeed_config
+from shipyard.train.engine import build_engine
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Kill world rank `rank` with os._exit once, right after optimizer step `step` (for drills)."""
+
+    rank: int
+    step: int
+    marker: str  # a file that records the fault happened, so the restarted run is spared
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Entry point of each Ray Train worker; `config` is plain data from the driver."""
+    job = JobSpec.model_validate(config["job"])
+    plan = ParallelPlan(**{**config["plan"], "layers_per_stage": tuple(config["plan"]["layers_per_stage"])})
+    fault = Fault(**config["fault"]) if config.get("fault") else None
+    Worker(job, plan, stop_at_step=config.get("stop_at_step"), fault=fault).run()
+
+
+class Worker:
+    """One rank's training state: engine, data stream and step counter."""
+
+    def __init__(self, job: JobSpec, plan: ParallelPlan, stop_at_step: int | None, fault: Fault | None):
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self.job, self.plan, self.fault = job, plan, fault
+        self.train = job.train
+        self.final_step = min(job.train.max_steps, stop_at_step or job.train.max_steps)
+        self.rank = ray.train.get_context().get_world_rank()
+        self.device = _device(plan)
+        deepspeed.init_distributed(dist_backend=plan.backend)
+        self.engine = build_engine(job, plan, deepspeed_config(plan, job.train))
+        self.pipelined = plan.pipeline_stages > 1
+        self.step = self._restore()
+        self.train_windows = load_shard(ray.train.get_dataset_shard("train"))
+        self.validation_windows = load_shard(ray.train.get_dataset_shard("validation"))
+
+    def run(self) -> None:
+        """Train until the final step, reporting metrics and checkpoints on the job's cadence."""
+        if self.step >= self.final_step:
+            ray.train.report({"step": self.step, "already_complete": True, **self._evaluate()})
+            return
+        resumed_from = self.step
+        batches = self._micro_batches()
+        window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+        while self.step < self.final_step:
+            torch.manual_seed(_step_seed(self.train.seed, self.step, self.rank))  # dropout
+            window_loss += self._optimizer_step(batches)
+            self.step += 1
+            window_steps += 1
+            self._maybe_fail()
+            if not self._is_report_step():
+                continue
+            step_time = (time.perf_counter() - window_start) / window_steps
+            metrics = {
+                "step": self.step,
+                "loss": self._mean_over_replicas(window_loss / window_steps),
+                "lr": self.engine.get_lr()[0],
+                "step_time_s": step_time,
+                "tokens_per_s": self.plan.global_batch_size * self.job.model.sequence_length / step_time,
+                "epoch": self.step * self.plan.global_batch_size / max(1, self._train_windows_total()),
+                "resumed_from_step": resumed_from,
+            }
+            if self.step % self.train.eval_every == 0 or self.step == self.final_step:
+                metrics.update(self._evaluate())
+            self._report(metrics)
+            window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+
+    def _optimizer_step(self, batches) -> float:
+        """One optimizer step over `gradient_accumulation` micro-batches; returns the mean loss."""
+        if self.pipelined:
+            return float(self.engine.train_batch(batches))
+        total = 0.0
+        for _ in range(self.plan.gradient_accumulation):
+            inputs, targets = next(batches)
+            loss = language_model_loss(self.engine(inputs), targets)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.item()
+        return total / self.plan.gradient_accumulation
+
+    def _micro_batches(self):
+        skip = self.step * self.plan.gradient_accumulation
+        for tokens in training_batches(
+            self.train_windows, self.plan.micro_batch_size, self.train.seed, skip
+        ):
+            tokens = tokens.to(self.device)
+            yield tokens[:, :-1], tokens[:, 1:]
+
+    def _evaluate(self) -> dict[str, float]:
+        batches = [
+            (tokens[:, :-1].to(self.device), tokens[:, 1:].to(self.device))
+            for tokens in evaluation_batches(
+                self.validation_windows, self.plan.micro_batch_size, self.train.eval_batches
+            )
+        ]
+        if self.pipelined:
+            loss = self.engine.eval_batch(iter(batches), num_micro_batches=len(batches))
+            return {"val_loss": float(loss)}
+        self.engine.eval()
+        with torch.no_grad():
+            losses = [language_model_loss(self.engine(x), y).item() for x, y in batches]
+        self.engine.train()
+        return {"val_loss": self._mean_over_replicas(float(np.mean(losses)))}
+
+    def _report(self, metrics: dict[str, Any]) -> None:
+        checkpoint_due = self.step % self.train.checkpoint_every == 0 or self.step == self.final_step
+        if not checkpoint_due:
+            ray.train.report(metrics)
+            return
+        # Each rank saves its own shard locally; Ray merges all ranks' files into one checkpoint.
+        folder = tempfile.mkdtemp(prefix="shipyard-checkpoint-")
+        try:
+            self.engine.save_checkpoint(folder, tag=CHECKPOINT_TAG, client_state={"step": self.step})
+            if self.rank == 0:
+                _write_metadata(Path(folder), self.job, self.plan, metrics)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _restore(self) -> int:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return 0
+        with checkpoint.as_directory() as folder:
+            _, client_state = self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
+        return int(client_state["step"])
+
+    def _is_report_step(self) -> bool:
+        return (
+            self.step % self.train.log_every == 0
+            or self.step % self.train.checkpoint_every == 0
+            or self.step == self.final_step
+        )
+
+    def _mean_over_replicas(self, value: float) -> float:
+        """Average a per-rank scalar over all ranks (pipeline losses are already global)."""
+        if self.pipelined or dist.get_world_size() == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.item() / dist.get_world_size()
+
+    def _train_windows_total(self) -> int:
+        return len(self.train_windows) * self.plan.data_parallel_size
+
+    def _maybe_fail(self) -> None:
+        fault = self.fault
+        if fault and fault.rank == self.rank and fault.step == self.step:
+            marker = Path(fault.marker)
+            if not marker.exists():
+                marker.write_text(f"rank {self.rank} exited at step {self.step}\n")
+                os._exit(1)
+
+
+def _device(plan: ParallelPlan) -> torch.device:
+    if plan.device == "cuda":
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step) * 1024 + rank
+
+
+def _write_metadata(folder: Path, job: JobSpec, plan: ParallelPlan, metrics: dict[str, Any]) -> None:
+    metadata = {"job": job.model_dump(mode="json"), "plan": plan.to_dict(), "metrics": metrics}
+    (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
