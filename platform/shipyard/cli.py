@@ -78,7 +78,9 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         task = progress.add_task("starting Ray Train workers", total=final_step, status="")
 
         def show(row: dict) -> None:
-            progress.update(task, completed=row["step"], description="training", status=_status(row))
+            progress.update(
+                task, completed=row["step"], description="training", status=_status(row)
+            )
 
         def show_corpus(corpus) -> None:
             progress.update(
@@ -86,7 +88,9 @@ def _train(args: argparse.Namespace, console: Console) -> int:
                 status=f"{corpus.files} files → {corpus.train_windows} training windows",
             )
 
-        result = run_training(job, on_metrics=show, on_corpus=show_corpus, stop_at_step=args.stop_at_step)
+        result = run_training(
+            job, on_metrics=show, on_corpus=show_corpus, stop_at_step=args.stop_at_step
+        )
     _summary(console, job, result, args)
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -101,23 +102,27 @@ def validation_stride(fraction: float) -> int:
 
 def cut_windows(
     batch: dict[str, np.ndarray], length: int, validation_stride: int
-) -> dict[str, np.ndarray]:
-    """Documents (raw bytes) → non-overlapping token windows, each tagged train or validation."""
+) -> Iterator[dict[str, np.ndarray]]:
+    """Documents (raw bytes) → non-overlapping token windows, each tagged train or validation.
+
+    Yields nothing for a batch of documents all shorter than one window: Ray Data cannot store
+    an empty 2-D tensor column as Arrow.
+    """
     windows, held_out = [], []
     for document in batch["bytes"]:
         tokens = np.frombuffer(document, dtype=np.uint8)
         count = len(tokens) // length
-        if count == 0:
-            continue
-        windows.append(tokens[: count * length].reshape(count, length))
-        held_out.append(np.arange(count) % validation_stride == validation_stride - 1)
-    if not windows:
-        return {"tokens": np.empty((0, length), np.uint8), "validation": np.empty(0, bool)}
-    return {"tokens": np.concatenate(windows), "validation": np.concatenate(held_out)}
+        if count:
+            windows.append(tokens[: count * length].reshape(count, length))
+            held_out.append(np.arange(count) % validation_stride == validation_stride - 1)
+    if windows:
+        yield {"tokens": np.concatenate(windows), "validation": np.concatenate(held_out)}
 
 
-def _select(batch: dict[str, np.ndarray], validation: bool) -> dict[str, np.ndarray]:
-    return {"tokens": batch["tokens"][batch["validation"] == validation]}
+def _select(batch: dict[str, np.ndarray], validation: bool) -> Iterator[dict[str, np.ndarray]]:
+    chosen = batch["tokens"][batch["validation"] == validation]
+    if len(chosen):
+        yield {"tokens": chosen}
 
 
 def _encode_text(batch: dict[str, np.ndarray], field: str) -> dict[str, np.ndarray]:

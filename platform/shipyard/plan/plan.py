@@ -43,7 +43,10 @@ class ParallelPlan:
         """What will run and why, in a few lines."""
         offload = [
             name
-            for name, on in (("optimizer", self.offload_optimizer), ("parameters", self.offload_parameters))
+            for name, on in (
+                ("optimizer", self.offload_optimizer),
+                ("parameters", self.offload_parameters),
+            )
             if on
         ]
         lines = [

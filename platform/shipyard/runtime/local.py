@@ -22,7 +22,10 @@ def ray_runtime(address: str | None = None, *, verbose: bool = False) -> Iterato
         return
     _quiet_ray_data(verbose)
     address = address or os.environ.get("RAY_ADDRESS")
-    options = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
+    options = {
+        "log_to_driver": verbose,
+        "logging_level": logging.INFO if verbose else logging.WARNING,
+    }
     if address:
         ray.init(address=address, **options)
     else:

@@ -32,7 +32,7 @@ def build_model(job: JobSpec, plan: ParallelPlan) -> torch.nn.Module:
     """The GPT whole, or as this rank's pipeline stage with the plan's blocks per stage."""
     if plan.pipeline_stages == 1:
         return GPT(job.model, job.train.seed)
-    from deepspeed.checkpointing import non_reentrant_checkpoint
+    from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
 
     return PlannedPipeline(
         blocks_per_stage=plan.layers_per_stage,

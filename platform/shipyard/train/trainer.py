@@ -175,7 +175,10 @@ _STATE_SHAPING_FIELDS = (
 
 def check_enough_data(corpus: Corpus, plan: ParallelPlan, job: JobSpec) -> None:
     """Every data-parallel replica needs at least one full micro-batch of each split."""
-    for split, windows in (("training", corpus.train_windows), ("validation", corpus.validation_windows)):
+    for split, windows in (
+        ("training", corpus.train_windows),
+        ("validation", corpus.validation_windows),
+    ):
         per_replica = windows // plan.data_parallel_size
         if per_replica < plan.micro_batch_size:
             raise SpecError(

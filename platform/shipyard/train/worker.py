@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from shipyard.data.shards import evaluation_batches, load_shard, training_batches
-from shipyard.models.gpt import GPT, language_model_loss
+from shipyard.models.gpt import language_model_loss
 from shipyard.plan.plan import ParallelPlan
 from shipyard.spec.job import JobSpec
 from shipyard.train.checkpoint import CHECKPOINT_TAG, METADATA_FILE
@@ -33,7 +33,11 @@ from shipyard.train.engine import build_engine
 
 @dataclass(frozen=True)
 class Fault:
-    """Kill world rank `rank` with os._exit once, right after optimizer step `step` (for drills)."""
+    """Kill world rank `rank` with os._exit once, right after optimizer step `step` (a drill).
+
+    The rank first waits until its last reported checkpoint is committed, as a crash long after
+    a checkpoint would; the restarted group must then resume from that checkpoint.
+    """
 
     rank: int
     step: int
@@ -43,7 +47,9 @@ class Fault:
 def train_loop(config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker; `config` is plain data from the driver."""
     job = JobSpec.model_validate(config["job"])
-    plan = ParallelPlan(**{**config["plan"], "layers_per_stage": tuple(config["plan"]["layers_per_stage"])})
+    plan = ParallelPlan(
+        **{**config["plan"], "layers_per_stage": tuple(config["plan"]["layers_per_stage"])}
+    )
     fault = Fault(**config["fault"]) if config.get("fault") else None
     Worker(job, plan, stop_at_step=config.get("stop_at_step"), fault=fault).run()
 
@@ -51,7 +57,9 @@ def train_loop(config: dict[str, Any]) -> None:
 class Worker:
     """One rank's training state: engine, data stream and step counter."""
 
-    def __init__(self, job: JobSpec, plan: ParallelPlan, stop_at_step: int | None, fault: Fault | None):
+    def __init__(
+        self, job: JobSpec, plan: ParallelPlan, stop_at_step: int | None, fault: Fault | None
+    ):
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -83,20 +91,26 @@ class Worker:
             self._maybe_fail()
             if not self._is_report_step():
                 continue
-            step_time = (time.perf_counter() - window_start) / window_steps
+            now = time.perf_counter()
+            # The window runs report to report, so evaluation and checkpoint costs count too.
+            step_time, window_start = (now - window_start) / window_steps, now
             metrics = {
                 "step": self.step,
                 "loss": self._mean_over_replicas(window_loss / window_steps),
                 "lr": self.engine.get_lr()[0],
                 "step_time_s": step_time,
-                "tokens_per_s": self.plan.global_batch_size * self.job.model.sequence_length / step_time,
-                "epoch": self.step * self.plan.global_batch_size / max(1, self._train_windows_total()),
+                "tokens_per_s": self.plan.global_batch_size
+                * self.job.model.sequence_length
+                / step_time,
+                "epoch": self.step
+                * self.plan.global_batch_size
+                / max(1, self._train_windows_total()),
                 "resumed_from_step": resumed_from,
             }
             if self.step % self.train.eval_every == 0 or self.step == self.final_step:
                 metrics.update(self._evaluate())
             self._report(metrics)
-            window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+            window_loss, window_steps = 0.0, 0
 
     def _optimizer_step(self, batches) -> float:
         """One optimizer step over `gradient_accumulation` micro-batches; returns the mean loss."""
@@ -136,14 +150,18 @@ class Worker:
         return {"val_loss": self._mean_over_replicas(float(np.mean(losses)))}
 
     def _report(self, metrics: dict[str, Any]) -> None:
-        checkpoint_due = self.step % self.train.checkpoint_every == 0 or self.step == self.final_step
+        checkpoint_due = (
+            self.step % self.train.checkpoint_every == 0 or self.step == self.final_step
+        )
         if not checkpoint_due:
             ray.train.report(metrics)
             return
         # Each rank saves its own shard locally; Ray merges all ranks' files into one checkpoint.
         folder = tempfile.mkdtemp(prefix="shipyard-checkpoint-")
         try:
-            self.engine.save_checkpoint(folder, tag=CHECKPOINT_TAG, client_state={"step": self.step})
+            self.engine.save_checkpoint(
+                folder, tag=CHECKPOINT_TAG, client_state={"step": self.step}
+            )
             if self.rank == 0:
                 _write_metadata(Path(folder), self.job, self.plan, metrics)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
@@ -181,6 +199,11 @@ class Worker:
         if fault and fault.rank == self.rank and fault.step == self.step:
             marker = Path(fault.marker)
             if not marker.exists():
+                # Ray Train collects reports by polling workers every 2 s; a rank that dies first
+                # takes its last report with it. Wait for the commit so the drill tests recovery.
+                ray.train.get_all_reported_checkpoints(
+                    consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=60
+                )
                 marker.write_text(f"rank {self.rank} exited at step {self.step}\n")
                 os._exit(1)
 
@@ -197,6 +220,8 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 1024 + rank
 
 
-def _write_metadata(folder: Path, job: JobSpec, plan: ParallelPlan, metrics: dict[str, Any]) -> None:
+def _write_metadata(
+    folder: Path, job: JobSpec, plan: ParallelPlan, metrics: dict[str, Any]
+) -> None:
     metadata = {"job": job.model_dump(mode="json"), "plan": plan.to_dict(), "metrics": metrics}
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2))

@@ -1,0 +1,169 @@
+"""Shipyard's steady-state training throughput vs a hand-written DeepSpeed loop, in one run.
+
+Both sides train the same GPT with the same DeepSpeed config, process count and threads per
+process on the same byte windows; only the launcher differs (torch.multiprocessing vs Ray Train
+with Ray Data, metrics and the Shipyard loop). Prints the ratio Shipyard ÷ baseline (goal ≥ 0.97).
+
+    .venv/bin/python benchmarks/train_overhead.py [--job jobs/tiny-gpt.yaml] [--steps 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+
+from shipyard.data.corpus import corpus_files, cut_windows, validation_stride
+from shipyard.data.shards import training_batches
+from shipyard.models.gpt import GPT, language_model_loss
+from shipyard.plan.plan import make_plan
+from shipyard.spec.job import JobSpec
+from shipyard.spec.load import load_job
+from shipyard.train.deepspeed_config import deepspeed_config
+from shipyard.train.schedule import lr_factor
+
+WARMUP_STEPS = 10
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--job", default="jobs/tiny-gpt.yaml")
+    parser.add_argument("--steps", type=int, default=60, help="timed steps after warm-up")
+    args = parser.parse_args()
+    job = benchmark_job(load_job(args.job), args.steps)
+    plan = make_plan(job)
+    print(
+        f"{job.name}: {plan.num_workers} processes, ZeRO {plan.zero_stage}, "
+        f"global batch {plan.global_batch_size}, {args.steps} timed steps"
+    )
+
+    baseline_first = baseline_throughput(job, args.steps)
+    shipyard = shipyard_throughput(job)
+    baseline_second = baseline_throughput(job, args.steps)
+    baseline = (baseline_first + baseline_second) / 2
+
+    print(f"baseline DeepSpeed loop : {baseline_first:,.0f} / {baseline_second:,.0f} tokens/s")
+    print(f"shipyard (Ray Train)    : {shipyard:,.0f} tokens/s")
+    print(f"ratio shipyard/baseline : {shipyard / baseline:.3f}  (goal >= 0.97)")
+
+
+def benchmark_job(job: JobSpec, steps: int) -> JobSpec:
+    """The job with pipelines off, no eval or checkpoint inside the timed window, fresh storage."""
+    total = WARMUP_STEPS + steps
+    train = job.train.model_copy(
+        update={
+            "max_steps": total,
+            "log_every": 10,
+            "eval_every": total,
+            "checkpoint_every": total,
+            "warmup_steps": 0,
+            "pipeline_stages": 1,
+        }
+    )
+    storage = tempfile.mkdtemp(prefix="shipyard-bench-")
+    return job.model_copy(update={"train": train, "storage": storage, "name": "overhead"})
+
+
+def shipyard_throughput(job: JobSpec) -> float:
+    """Median tokens/s over Shipyard's log windows after warm-up (the final window is excluded:
+    it includes the closing evaluation and checkpoint)."""
+    from shipyard.runtime.local import ray_runtime
+    from shipyard.train.trainer import run_training
+
+    with ray_runtime():
+        result = run_training(job)
+    rows = [r for r in result.history if WARMUP_STEPS < r["step"] < job.train.max_steps]
+    return statistics.median(r["tokens_per_s"] for r in rows)
+
+
+def baseline_throughput(job: JobSpec, steps: int) -> float:
+    """Tokens/s of a plain DeepSpeed loop launched with torch.multiprocessing, no Ray."""
+    windows = local_windows(job)
+    port = free_port()
+    with tempfile.TemporaryDirectory() as folder:
+        result = Path(folder) / "tokens_per_s"
+        mp.spawn(
+            baseline_worker,
+            args=(job, windows, steps, port, str(result)),
+            nprocs=job.train.num_workers,
+            join=True,
+        )
+        return float(result.read_text())
+
+
+def baseline_worker(
+    rank: int, job: JobSpec, windows: np.ndarray, steps: int, port: int, result: str
+) -> None:
+    import deepspeed
+
+    plan = make_plan(job)
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(plan.num_workers),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    # Ray gives each worker as many threads as whole CPUs it holds (at least one); match it.
+    torch.set_num_threads(max(1, int(plan.cpus_per_worker)))
+    deepspeed.init_distributed(dist_backend="gloo")
+    model = GPT(job.model, job.train.seed)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=model.parameters(),
+        config=deepspeed_config(plan, job.train),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: lr_factor(step, job.train)
+        ),
+    )
+    shard = windows[rank :: plan.data_parallel_size]
+    batches = training_batches(shard, plan.micro_batch_size, job.train.seed)
+
+    def step() -> None:
+        for _ in range(plan.gradient_accumulation):
+            tokens = next(batches)
+            loss = language_model_loss(engine(tokens[:, :-1]), tokens[:, 1:])
+            engine.backward(loss)
+            engine.step()
+
+    for _ in range(WARMUP_STEPS):
+        step()
+    torch.distributed.barrier()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.distributed.barrier()
+    seconds = time.perf_counter() - start
+    if rank == 0:
+        tokens = steps * plan.global_batch_size * job.model.sequence_length
+        Path(result).write_text(str(tokens / seconds))
+    torch.distributed.destroy_process_group()
+
+
+def local_windows(job: JobSpec) -> np.ndarray:
+    """The training windows, read without Ray (the baseline has no Ray Data)."""
+    documents = np.array([f.read_bytes() for f in corpus_files(job.data)], dtype=object)
+    (cut,) = cut_windows(
+        {"bytes": documents},
+        job.model.sequence_length + 1,
+        validation_stride(job.data.validation_fraction),
+    )
+    return cut["tokens"][~cut["validation"]]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+if __name__ == "__main__":
+    main()

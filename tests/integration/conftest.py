@@ -1,0 +1,61 @@
+"""One real Ray for the whole integration session, and small real jobs to train on it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from shipyard.spec.job import JobSpec
+from shipyard.spec.load import validate
+
+# A model small enough that a 2-worker DeepSpeed run takes seconds on 2 CPU cores.
+TINY_JOB = {
+    "model": {"layers": 2, "heads": 2, "width": 32, "sequence_length": 32},
+    "data": {"max_bytes": 200_000},
+    "train": {
+        "num_workers": 2,
+        "cpus_per_worker": 0.5,
+        "zero_stage": 1,
+        "micro_batch_size": 4,
+        "gradient_accumulation": 2,
+        "lr": 0.003,
+        "warmup_steps": 4,
+        "max_steps": 24,
+        "log_every": 4,
+        "eval_every": 12,
+        "checkpoint_every": 12,
+        "seed": 11,
+    },
+    "failure": {"max_failures": 0},
+}
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray started once per test session (2 cores: never one per test)."""
+    import ray
+    from ray.data import DataContext
+
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+    DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its DEBUG lines flood reports
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def runs_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+def tiny_job(name: str, storage: Path, **train) -> JobSpec:
+    """TINY_JOB with some train fields changed, stored under `storage`."""
+    document = {
+        **TINY_JOB,
+        "name": name,
+        "storage": str(storage),
+        "train": {**TINY_JOB["train"], **train},
+    }
+    return validate(JobSpec, document, source=f"<test job {name}>")
