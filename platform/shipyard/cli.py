@@ -19,7 +19,7 @@ SPEC_ERROR_EXIT = 2
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; errors Shipyard understands are printed without a traceback."""
     args = _parser().parse_args(argv)
-    console = Console(stderr=False)
+    console = Console(soft_wrap=True)  # whole lines in logs, whatever the terminal width
     try:
         return args.command(args, console)
     except ShipyardError as error:

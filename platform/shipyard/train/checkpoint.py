@@ -9,6 +9,7 @@ from typing import Any
 
 CHECKPOINT_TAG = "deepspeed"  # DeepSpeed's tag folder inside every Ray checkpoint
 METADATA_FILE = "shipyard.json"  # job spec, plan and metrics, written by rank 0
+RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's registry of a run
 
 
 @dataclass(frozen=True)
@@ -23,9 +24,21 @@ class SavedCheckpoint:
 
 
 def saved_checkpoints(storage: str, job_name: str) -> list[SavedCheckpoint]:
-    """The job's complete checkpoints under `storage`, oldest step first."""
+    """The job's checkpoints that Ray Train registered, oldest step first.
+
+    A folder can exist that Ray never registered (the run stopped between upload and the
+    controller's next poll); Ray will not resume from it, so neither do we list it.
+    """
+    run = Path(storage, job_name)
+    snapshot = run / RAY_CHECKPOINT_SNAPSHOT
+    if not snapshot.is_file():
+        return []
+    registered = json.loads(snapshot.read_text()).get("checkpoint_results", [])
     found = []
-    for metadata_file in Path(storage, job_name).glob(f"checkpoint_*/{METADATA_FILE}"):
+    for entry in registered:
+        metadata_file = run / entry["checkpoint_dir_name"] / METADATA_FILE
+        if not metadata_file.is_file():
+            continue
         metadata = json.loads(metadata_file.read_text())
         found.append(
             SavedCheckpoint(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import queue
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -12,7 +11,7 @@ import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
-from ray.util.queue import Queue
+from ray.util.queue import Empty, Queue
 
 from shipyard.data.corpus import Corpus, build_corpus
 from shipyard.data.shards import DataParallelShards
@@ -60,22 +59,51 @@ def run_training(
     metrics_queue = Queue(actor_options={"num_cpus": 0})
     trainer = build_trainer(job, plan, corpus, metrics_queue, stop_at_step, fault)
     result = TrainResult()
-    stop_draining = threading.Event()
-    drain = threading.Thread(
-        target=_drain, args=(metrics_queue, result.history, on_metrics, stop_draining), daemon=True
-    )
-    drain.start()
     try:
-        outcome = trainer.fit()
+        outcome = _fit_forwarding_metrics(trainer, metrics_queue, result.history, on_metrics)
     except ray.train.TrainingFailedError as error:
         raise TrainingError(f"training job {job.name!r} failed: {_worker_message(error)}") from None
     finally:
-        stop_draining.set()
-        drain.join()
-        _drain_now(metrics_queue, result.history, on_metrics)
         ray.kill(metrics_queue.actor)
     result.checkpoint_path = outcome.checkpoint.path if outcome.checkpoint else None
     return result
+
+
+def _fit_forwarding_metrics(trainer, metrics_queue, history, on_metrics) -> ray.train.Result:
+    """Run `trainer.fit()` on a helper thread while this thread forwards metrics as they come.
+
+    Off the main thread, Ray Train installs no SIGINT handler of its own, so Ctrl-C reaches the
+    caller as KeyboardInterrupt and the command can shut Ray down and say how to resume.
+    """
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name="shipyard-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        _forward(metrics_queue, history, on_metrics, timeout=0.5)
+    while _forward(metrics_queue, history, on_metrics, timeout=None):
+        pass
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def _forward(metrics_queue, history, on_metrics, timeout: float | None) -> bool:
+    """Move one row from the queue to `history` (None: only if one is waiting)."""
+    try:
+        row = metrics_queue.get_nowait() if timeout is None else metrics_queue.get(timeout=timeout)
+    except Empty:
+        return False
+    history.append(row)
+    if on_metrics:
+        on_metrics(row)
+    return True
 
 
 def build_trainer(
@@ -187,30 +215,6 @@ def check_enough_data(corpus: Corpus, plan: ParallelPlan, job: JobSpec) -> None:
                 f"fewer than train.micro_batch_size {plan.micro_batch_size}. To fix: use more "
                 "text (data.max_bytes), a shorter model.sequence_length or a smaller micro-batch."
             )
-
-
-def _drain(metrics_queue: Queue, history, on_metrics, stop: threading.Event) -> None:
-    while not stop.is_set():
-        try:
-            row = metrics_queue.get(timeout=0.5)
-        except (queue.Empty, ray.util.queue.Empty):
-            continue
-        except Exception:  # the queue actor is gone: the run ended
-            return
-        history.append(row)
-        if on_metrics:
-            on_metrics(row)
-
-
-def _drain_now(metrics_queue: Queue, history, on_metrics) -> None:
-    while True:
-        try:
-            row = metrics_queue.get_nowait()
-        except Exception:
-            return
-        history.append(row)
-        if on_metrics:
-            on_metrics(row)
 
 
 def _worker_message(error: Exception) -> str:

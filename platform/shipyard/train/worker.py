@@ -210,6 +210,8 @@ class Worker:
 
 def _device(plan: ParallelPlan) -> torch.device:
     if plan.device == "cuda":
+        import ray.train.torch
+
         device = ray.train.torch.get_device()
         torch.cuda.set_device(device)
         return device
