@@ -66,6 +66,7 @@ class Worker:
         self.job, self.plan, self.fault = job, plan, fault
         self.train = job.train
         self.final_step = min(job.train.max_steps, stop_at_step or job.train.max_steps)
+        self.tokens_per_step = plan.global_batch_size * job.model.sequence_length
         self.rank = ray.train.get_context().get_world_rank()
         self.device = _device(plan)
         deepspeed.init_distributed(dist_backend=plan.backend)
@@ -99,12 +100,8 @@ class Worker:
                 "loss": self._mean_over_replicas(window_loss / window_steps),
                 "lr": self.engine.get_lr()[0],
                 "step_time_s": step_time,
-                "tokens_per_s": self.plan.global_batch_size
-                * self.job.model.sequence_length
-                / step_time,
-                "epoch": self.step
-                * self.plan.global_batch_size
-                / max(1, self._train_windows_total()),
+                "tokens_per_s": self.tokens_per_step / step_time,
+                "epoch": self.step * self.plan.global_batch_size / self._train_windows_total(),
                 "resumed_from_step": resumed_from,
             }
             if self.step % self.train.eval_every == 0 or self.step == self.final_step:
