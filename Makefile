@@ -38,6 +38,7 @@ format: setup
 
 bench: setup
 	$(PY) benchmarks/train_overhead.py
+	$(PY) benchmarks/serve_load.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

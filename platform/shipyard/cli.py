@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -44,6 +48,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--verbose", action="store_true", help="show Ray's and workers' logs")
     train.set_defaults(command=_train)
+
+    serve = commands.add_parser(
+        "serve", help="deploy a job's trained model on Ray Serve (HTTP on 127.0.0.1)"
+    )
+    serve.add_argument("job", help="path of the job spec YAML whose model to serve")
+    serve.add_argument(
+        "--checkpoint", help="checkpoint or export folder (default: the job's latest checkpoint)"
+    )
+    serve.add_argument("--host", help="HTTP host (default: serve.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="HTTP port (default: serve.port, 8000)")
+    serve.add_argument(
+        "--address",
+        help="Ray cluster to deploy to and return (default: RAY_ADDRESS, else run in the "
+        "foreground on an embedded Ray until Ctrl-C)",
+    )
+    actions = serve.add_mutually_exclusive_group()
+    actions.add_argument("--status", action="store_true", help="show the deployed app's status")
+    actions.add_argument("--shutdown", action="store_true", help="delete the deployed app")
+    serve.add_argument("--verbose", action="store_true", help="show Ray's and replicas' logs")
+    serve.set_defaults(command=_serve)
 
     plan = commands.add_parser("plan", help="validate a job spec and print its parallel plan")
     plan.add_argument("job", help="path of the job spec YAML")
@@ -93,6 +117,67 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         )
     _summary(console, job, result, args)
     return 0
+
+
+def _serve(args: argparse.Namespace, console: Console) -> int:
+    from shipyard.runtime.local import ray_runtime
+    from shipyard.serve import deployment
+    from shipyard.spec.load import load_job
+
+    job = load_job(args.job)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if (args.status or args.shutdown) and not address:
+        raise ShipyardError(
+            "--status and --shutdown act on a running cluster. To fix: give --address or set "
+            "RAY_ADDRESS (a foreground `shipyard serve` stops with Ctrl-C)."
+        )
+    if args.status or args.shutdown:
+        with ray_runtime(address, verbose=args.verbose):
+            if args.shutdown:
+                deployment.undeploy(job.name)
+                console.print(f"Deleted the Serve application {job.name}.")
+            else:
+                print(json.dumps(deployment.serve_status(job.name), indent=2))
+        return 0
+    # Decide first: a bad checkpoint fails before Ray starts.
+    service = deployment.prepare_service(job, args.checkpoint, args.host, args.port)
+    config = deployment.write_serve_config(service, Path(job.storage, job.name))
+    console.print(
+        f"[bold]{job.name}[/]: serving step {service.export.step} from {service.export.folder}",
+        highlight=False,
+    )
+    with ray_runtime(address, verbose=args.verbose):
+        with console.status("starting Ray Serve replicas"):
+            deployment.deploy(service)
+        console.print(_serving_summary(service, config), highlight=False)
+        if address:
+            console.print(
+                f"Deployed to {address}; stop it with: shipyard serve {args.job} --shutdown"
+            )
+            return 0
+        _wait_for_stop_signal(console)
+        deployment.stop_serve()
+    console.print("Stopped: Serve and Ray were shut down.")
+    return 0
+
+
+def _serving_summary(service, config: Path) -> str:
+    return (
+        f"Serving on {service.url}  (GET /v1/health, GET /v1/model, POST /v1/generate)\n"
+        f"Try: curl -s {service.url}/v1/generate -H 'content-type: application/json' "
+        f"""-d '{{"prompt": "def main():", "max_new_tokens": 32}}'\n"""
+        f"Serve config for `serve deploy` on a cluster: {config}"
+    )
+
+
+def _wait_for_stop_signal(console: Console) -> None:
+    """Block until Ctrl-C or SIGTERM, like `serve run`."""
+    stop = threading.Event()
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signal_number, lambda *_: stop.set())
+    console.print("Press Ctrl-C to stop.")
+    while not stop.wait(timeout=1.0):
+        pass
 
 
 def _progress(console: Console) -> Progress:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -59,3 +61,34 @@ def tiny_job(name: str, storage: Path, **train) -> JobSpec:
         "train": {**TINY_JOB["train"], **train},
     }
     return validate(JobSpec, document, source=f"<test job {name}>")
+
+
+@pytest.fixture(scope="session")
+def layouts(ray_session, runs_dir):
+    """One short training run per layout, shared by every test that compares or serves them."""
+    from shipyard.train.trainer import run_training
+
+    cache = {}
+
+    def run(name: str, **train):
+        if name not in cache:
+            cache[name] = run_training(tiny_job(name, runs_dir, **train))
+        return cache[name]
+
+    return run
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    """Poll `condition` every half second; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.5)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

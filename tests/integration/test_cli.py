@@ -1,4 +1,4 @@
-"""`shipyard train` as a user runs it: live run, Ctrl-C, clean shutdown, resume, summary."""
+"""The CLI as a user runs it: train live, Ctrl-C, clean shutdown, resume; serve until SIGTERM."""
 
 from __future__ import annotations
 
@@ -6,15 +6,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
+import requests
 import yaml
 
+from shipyard.serve.export import load_exported_model, read_export
+from shipyard.serve.generation import GenerationRequest, TextGenerator
 from shipyard.train.checkpoint import saved_checkpoints
-from tests.integration.conftest import TINY_JOB
+from tests.integration.conftest import TINY_JOB, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -24,14 +26,6 @@ RAY_DAEMONS = {"raylet", "gcs_server"}
 
 def ray_daemons() -> set[int]:
     return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] in RAY_DAEMONS}
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.5)
 
 
 @pytest.fixture
@@ -108,3 +102,50 @@ def test_changed_model_is_refused_and_the_checkpoint_kept(cli_job):
     assert "model.width: 64 differs from 32 in the checkpoint" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert {p: p.stat().st_mtime for p in storage.rglob("*") if p.is_file()} == before
+
+
+def test_serve_runs_in_the_foreground_until_sigterm(tmp_path):
+    """Train a few steps, serve them like `serve run`, answer over HTTP, stop cleanly."""
+    storage, port = tmp_path / "runs", free_port()
+    train = {**TINY_JOB["train"], "max_steps": 6, "warmup_steps": 2, "log_every": 3}
+    train.update(checkpoint_every=6, eval_every=6)
+    serve = {"port": port, "num_replicas": 1, "cpus_per_replica": 0.25}
+    spec = {**TINY_JOB, "name": "cli-serve", "storage": str(storage), "train": train}
+    job_path = tmp_path / "cli-serve.yaml"
+    job_path.write_text(yaml.safe_dump({**spec, "serve": serve}))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    trained = subprocess.run(
+        [*SHIPYARD, "train", str(job_path)], capture_output=True, text=True, env=env, timeout=400
+    )
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+
+    daemons_before = ray_daemons()
+    log_path = tmp_path / "serve.log"
+    server = subprocess.Popen(
+        [*SHIPYARD, "serve", str(job_path)],
+        stdout=log_path.open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: "Press Ctrl-C to stop" in log_path.read_text(), 240, "the server")
+        answer = requests.post(
+            f"{url}/v1/generate", json={"prompt": "def ", "max_new_tokens": 8}, timeout=60
+        ).json()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=120) == 0, log_path.read_text()
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+
+    export = read_export(saved_checkpoints(str(storage), "cli-serve")[-1].path / "export")
+    generator = TextGenerator(load_exported_model(export), export.model.sequence_length)
+    assert answer["tokens"] == generator.generate([GenerationRequest(tuple(b"def "), 8)])[0]
+    assert "Stopped: Serve and Ray were shut down." in log_path.read_text()
+    wait_for(lambda: ray_daemons() <= daemons_before, 30, "the server's Ray daemons to exit")
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/v1/health", timeout=5)
+    config = yaml.safe_load((storage / "cli-serve" / "serve_config.yaml").read_text())
+    assert config["applications"][0]["args"]["export"] == str(export.folder)

@@ -20,19 +20,6 @@ def losses(result) -> list[float]:
     return [row["loss"] for row in result.history if "loss" in row]
 
 
-@pytest.fixture(scope="module")
-def layouts(ray_session, runs_dir):
-    """One short run per layout, shared by the tests that compare them."""
-    cache = {}
-
-    def run(name: str, **train):
-        if name not in cache:
-            cache[name] = run_training(tiny_job(name, runs_dir, **train))
-        return cache[name]
-
-    return run
-
-
 @pytest.mark.parametrize(
     ("name", "train"),
     [

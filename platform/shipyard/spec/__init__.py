@@ -1,6 +1,6 @@
 """Typed job specs loaded from YAML with errors that name the file and the field."""
 
-from shipyard.spec.job import DataSpec, FailureSpec, JobSpec, ModelSpec, TrainSpec
+from shipyard.spec.job import DataSpec, FailureSpec, JobSpec, ModelSpec, ServeSpec, TrainSpec
 from shipyard.spec.load import load_job, read_yaml, validate
 
 __all__ = [
@@ -8,6 +8,7 @@ __all__ = [
     "FailureSpec",
     "JobSpec",
     "ModelSpec",
+    "ServeSpec",
     "TrainSpec",
     "load_job",
     "read_yaml",

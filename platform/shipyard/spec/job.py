@@ -140,6 +140,82 @@ class TrainSpec(Strict):
         return self
 
 
+_AUTOSCALING_FIELDS = (
+    "min_replicas",
+    "max_replicas",
+    "target_ongoing_requests",
+    "upscale_delay_s",
+    "downscale_delay_s",
+    "look_back_period_s",
+    "metrics_interval_s",
+)
+
+
+class ServeSpec(Strict):
+    """How `shipyard serve` deploys the trained model on Ray Serve.
+
+    Either a fixed `num_replicas`, or autoscaling between `min_replicas` and `max_replicas`
+    aiming at `target_ongoing_requests` per replica (Ray Serve's own names and meaning).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    num_replicas: int | None = Field(None, ge=1)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0)
+    metrics_interval_s: float = Field(10.0, gt=0)
+    cpus_per_replica: float = Field(1.0, gt=0)
+    gpus_per_replica: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(32, ge=1)
+    max_batch_size: int = Field(8, ge=1, description="1 turns dynamic batching off")
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    default_max_new_tokens: int = Field(32, ge=1)
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
+
+    @property
+    def autoscaling(self) -> bool:
+        """True unless a fixed number of replicas is given."""
+        return self.num_replicas is None
+
+    @model_validator(mode="after")
+    def _replicas_are_consistent(self) -> ServeSpec:
+        # Compared with the defaults, not with what was typed, so a dumped spec validates again.
+        conflicting = [
+            name
+            for name in _AUTOSCALING_FIELDS
+            if getattr(self, name) != type(self).model_fields[name].default
+        ]
+        if self.num_replicas is not None and conflicting:
+            raise ValueError(
+                f"serve.num_replicas: a fixed replica count cannot be combined with autoscaling "
+                f"(serve.{conflicting[0]} is also set). To fix: remove num_replicas to "
+                "autoscale, or remove the autoscaling fields."
+            )
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"serve.min_replicas: {self.min_replicas} is more than serve.max_replicas "
+                f"{self.max_replicas}. To fix: make min_replicas <= max_replicas."
+            )
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError(
+                f"serve.look_back_period_s: {self.look_back_period_s} must be longer than "
+                f"serve.metrics_interval_s {self.metrics_interval_s}, or the average has one "
+                "sample. To fix: raise look_back_period_s or lower metrics_interval_s."
+            )
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(
+                f"serve.max_ongoing_requests: {self.max_ongoing_requests} is less than "
+                f"serve.max_batch_size {self.max_batch_size}, so a batch could never fill. "
+                f"To fix: set max_ongoing_requests to at least {self.max_batch_size}."
+            )
+        return self
+
+
 class FailureSpec(Strict):
     """How often Ray Train restarts a failed worker group from the last checkpoint."""
 
@@ -157,6 +233,7 @@ class JobSpec(Strict):
         "runs", min_length=1, description="Folder under which each job keeps its checkpoints."
     )
     failure: FailureSpec = FailureSpec()
+    serve: ServeSpec = ServeSpec()
 
     @model_validator(mode="after")
     def _fits_the_model(self) -> JobSpec:

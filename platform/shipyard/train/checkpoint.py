@@ -36,19 +36,9 @@ def saved_checkpoints(storage: str, job_name: str) -> list[SavedCheckpoint]:
     registered = json.loads(snapshot.read_text()).get("checkpoint_results", [])
     found = []
     for entry in registered:
-        metadata_file = run / entry["checkpoint_dir_name"] / METADATA_FILE
-        if not metadata_file.is_file():
-            continue
-        metadata = json.loads(metadata_file.read_text())
-        found.append(
-            SavedCheckpoint(
-                path=metadata_file.parent,
-                step=int(metadata["metrics"]["step"]),
-                job=metadata["job"],
-                plan=metadata["plan"],
-                metrics=metadata["metrics"],
-            )
-        )
+        folder = run / entry["checkpoint_dir_name"]
+        if (folder / METADATA_FILE).is_file():
+            found.append(read_checkpoint(folder))
     return sorted(found, key=lambda checkpoint: checkpoint.step)
 
 
@@ -56,3 +46,16 @@ def latest_checkpoint(storage: str, job_name: str) -> SavedCheckpoint | None:
     """The checkpoint a re-run of the job resumes from, if any."""
     checkpoints = saved_checkpoints(storage, job_name)
     return checkpoints[-1] if checkpoints else None
+
+
+def read_checkpoint(folder: str | Path) -> SavedCheckpoint:
+    """The checkpoint in `folder`, from the metadata rank 0 wrote beside DeepSpeed's files."""
+    folder = Path(folder)
+    metadata = json.loads((folder / METADATA_FILE).read_text())
+    return SavedCheckpoint(
+        path=folder,
+        step=int(metadata["metrics"]["step"]),
+        job=metadata["job"],
+        plan=metadata["plan"],
+        metrics=metadata["metrics"],
+    )

@@ -1,0 +1,239 @@
+"""Serving a trained checkpoint on real Ray Serve, through real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from shipyard.data.corpus import build_corpus
+from shipyard.data.shards import evaluation_batches, load_shard
+from shipyard.models.gpt import language_model_loss
+from shipyard.plan.plan import make_plan
+from shipyard.serve import deployment
+from shipyard.serve.app import DEPLOYMENT_NAME
+from shipyard.serve.deployment import Service, serve_status
+from shipyard.serve.export import export_checkpoint, load_exported_model
+from shipyard.serve.generation import GenerationRequest, TextGenerator
+from shipyard.spec.job import ServeSpec
+from shipyard.train.checkpoint import latest_checkpoint
+from tests.integration.conftest import free_port, tiny_job, wait_for
+
+pytestmark = pytest.mark.integration
+
+APP = "served"
+PROMPTS = [
+    "def main():",
+    "import os\n",
+    "class A:",
+    "for i in ",
+    "return x",
+    "# ",
+    "while ",
+    "(",
+    "é",
+]
+# Greedy and seeded sampling, with different lengths, in one concurrent burst.
+BODIES = [{"prompt": p, "max_new_tokens": 6 + 2 * i} for i, p in enumerate(PROMPTS)] + [
+    {"prompt": p, "max_new_tokens": 12, "temperature": 0.9, "top_k": 20, "seed": i}
+    for i, p in enumerate(PROMPTS)
+]
+
+
+def reported_validation_loss(model: torch.nn.Module, name: str, runs_dir, **train) -> float:
+    """The validation loss as the workers compute it: first batches of each replica's shard."""
+    job = tiny_job(name, runs_dir, **train)
+    plan = make_plan(job)
+    corpus = build_corpus(job.data, job.model.sequence_length)
+    per_replica = []
+    for shard in corpus.validation.split(plan.data_parallel_size, equal=True):
+        batches = evaluation_batches(
+            load_shard(shard), plan.micro_batch_size, job.train.eval_batches
+        )
+        with torch.no_grad():
+            losses = [language_model_loss(model(b[:, :-1]), b[:, 1:]).item() for b in batches]
+        per_replica.append(np.mean(losses))
+    return float(np.mean(per_replica))
+
+
+@pytest.mark.parametrize(
+    ("name", "train"),
+    [("zero3", {"zero_stage": 3}), ("pipeline2", {"zero_stage": 1, "pipeline_stages": 2})],
+)
+def test_export_is_the_trained_model(layouts, runs_dir, name, train):
+    """ZeRO-3 shards and pipeline stages consolidate to the model the run evaluated."""
+    result = layouts(name, **train)
+    model = load_exported_model(export_checkpoint(latest_checkpoint(str(runs_dir), name)))
+    measured = reported_validation_loss(model, name, runs_dir, **train)
+    assert measured == pytest.approx(result.final["val_loss"], rel=1e-4)
+
+
+def test_zero0_and_zero3_exports_agree(layouts, runs_dir):
+    """Same seed, same math: ZeRO-3's gathered fp32 masters equal ZeRO-0's whole weights."""
+    exported = {}
+    for name, stage in (("zero0", 0), ("zero3", 3)):
+        layouts(name, zero_stage=stage)
+        exported[name] = load_exported_model(
+            export_checkpoint(latest_checkpoint(str(runs_dir), name))
+        ).state_dict()
+    for key, weight in exported["zero0"].items():
+        torch.testing.assert_close(exported["zero3"][key], weight, atol=1e-4, rtol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def serving(ray_session, layouts, runs_dir):
+    """Deploy the ZeRO-3 run's export with given serve settings; one HTTP port for the module."""
+    from ray import serve
+
+    layouts("zero3", zero_stage=3)
+    export = export_checkpoint(latest_checkpoint(str(runs_dir), "zero3"))
+    port = free_port()
+
+    def deploy(**settings) -> str:
+        spec = ServeSpec(port=port, cpus_per_replica=0.25, **settings)
+        service = Service(APP, export, spec)
+        deployment.deploy(service)
+        return service.url
+
+    deploy.export = export
+    yield deploy
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def expected(serving) -> list[list[int]]:
+    """Every body of BODIES generated alone, in-process, from the same export."""
+    export = serving.export
+    generator = TextGenerator(load_exported_model(export), export.model.sequence_length)
+    requests_alone = [
+        GenerationRequest(
+            tuple(body["prompt"].encode()),
+            body["max_new_tokens"],
+            body.get("temperature", 0.0),
+            body.get("top_k"),
+            body.get("seed", 0),
+        )
+        for body in BODIES
+    ]
+    return [generator.generate([request])[0] for request in requests_alone]
+
+
+def post_all(url: str, bodies: list[dict]) -> list[dict]:
+    """POST every body at once from as many threads; the answers in order."""
+
+    def post(body: dict) -> dict:
+        response = requests.post(f"{url}/v1/generate", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(post, bodies))
+
+
+def test_http_answers_equal_direct_generation_and_are_batched(serving, expected):
+    url = serving(num_replicas=1, max_batch_size=8, batch_wait_timeout_s=0.2)
+    answers = post_all(url, BODIES)
+    assert [answer["tokens"] for answer in answers] == expected
+    assert [answer["text"] for answer in answers] == [
+        bytes(tokens).decode("utf-8", errors="replace") for tokens in expected
+    ]
+    assert max(answer["batch_size"] for answer in answers) > 1, "requests were batched"
+    model = requests.get(f"{url}/v1/model", timeout=30).json()
+    assert (model["job"], model["step"], model["context_length"]) == ("zero3", 24, 32)
+
+
+def test_batching_off_gives_the_same_answers(serving, expected):
+    url = serving(num_replicas=1, max_batch_size=1)
+    answers = post_all(url, BODIES)
+    assert [answer["tokens"] for answer in answers] == expected
+    assert {answer["batch_size"] for answer in answers} == {1}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ("{not json", 400, "not valid JSON"),
+        ({"max_new_tokens": 4}, 422, "prompt: Field required"),
+        ({"prompt": "a" * 40}, 422, "over the context length 32"),
+        ({"prompt": "abc", "max_new_tokens": 30}, 422, "ask for at most 29"),
+        ({"prompt": "abc", "max_new_tokens": -3}, 422, "max_new_tokens"),
+        ({"prompt": 42}, 422, "prompt: Input should be a valid string"),
+        ({"prompt": "abc", "temperature": "hot"}, 422, "temperature"),
+        ({"prompt": "abc", "top_k": 0}, 422, "top_k"),
+        ({"prompt": "abc", "stream": True}, 422, "stream"),
+        ([1, 2], 422, "body"),
+    ],
+)
+def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_answering(
+    serving, expected, body, status, message
+):
+    url = serving(num_replicas=1, max_batch_size=8, batch_wait_timeout_s=0.2)
+    if isinstance(body, str):
+        response = requests.post(
+            f"{url}/v1/generate",
+            data=body,
+            headers={"content-type": "application/json"},
+            timeout=60,
+        )
+    else:
+        response = requests.post(f"{url}/v1/generate", json=body, timeout=60)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    assert post_all(url, BODIES[:1])[0]["tokens"] == expected[0]
+
+
+def test_unhealthy_replica_is_replaced(serving, expected):
+    from ray import serve
+
+    url = serving(num_replicas=1, health_check_period_s=1, health_check_timeout_s=10)
+    healthy = requests.get(f"{url}/v1/health", timeout=30).json()["replica"]
+    handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=APP)
+    assert handle.corrupt_weights_for_drill.remote().result() == healthy
+
+    broken = requests.post(f"{url}/v1/generate", json=BODIES[0], timeout=60)
+    assert broken.status_code == 503 and "non-finite" in broken.json()["error"]
+
+    def replaced() -> bool:
+        response = requests.get(f"{url}/v1/health", timeout=30)
+        return response.status_code == 200 and response.json()["replica"] != healthy
+
+    wait_for(replaced, 120, "Serve to replace the unhealthy replica")
+    assert post_all(url, BODIES[:1])[0]["tokens"] == expected[0]
+
+
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_when_idle(serving):
+    url = serving(
+        min_replicas=1,
+        max_replicas=2,
+        target_ongoing_requests=1,
+        upscale_delay_s=1,
+        downscale_delay_s=3,
+        look_back_period_s=2,
+        metrics_interval_s=0.5,
+        max_batch_size=2,
+    )
+
+    def running() -> int:
+        return serve_status(APP)["replicas"].get("RUNNING", 0)
+
+    wait_for(lambda: running() == 1, 60, "one replica at rest")
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            requests.post(f"{url}/v1/generate", json={"prompt": "x", "max_new_tokens": 31})
+
+    workers = [threading.Thread(target=load) for _ in range(6)]
+    for worker in workers:
+        worker.start()
+    try:
+        wait_for(lambda: running() == 2, 120, "a second replica under load")
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+    wait_for(lambda: running() == 1, 120, "the extra replica to go when idle")
