@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
 from shipyard.models.gpt import GPT
+from shipyard.serve.batching import ContinuousBatcher
 from shipyard.serve.generation import BrokenModelError, GenerationRequest, TextGenerator
 from shipyard.spec.job import ModelSpec
 
@@ -79,3 +82,28 @@ def test_corrupt_weights_are_detected():
         generator.check()
     with pytest.raises(BrokenModelError):
         generator.generate([GenerationRequest(tuple(b"abc"), 4)])
+
+
+def test_requests_joining_a_running_batch_get_their_alone_answers(model):
+    """Continuous batching: later requests join between steps; nobody's tokens change."""
+    generator = TextGenerator(model, SPEC.sequence_length)
+    requests = [
+        GenerationRequest(tuple(b"while "), 30),
+        GenerationRequest(tuple(b"if x:"), 12, temperature=0.7, seed=2),
+        GenerationRequest(tuple(b"def "), 20),
+        GenerationRequest(tuple(b"z"), 5, temperature=1.1, top_k=7, seed=9),
+    ]
+    alone = [generator.generate([request])[0] for request in requests]
+
+    async def arrive_in_waves():
+        batcher = ContinuousBatcher(generator, max_batch_size=3)
+        first = batcher.submit(requests[:2])
+        await asyncio.sleep(0)  # a few steps run before the others arrive
+        await asyncio.sleep(0)
+        later = batcher.submit(requests[2:])
+        return await asyncio.gather(*first, *later)
+
+    generated = asyncio.run(arrive_in_waves())
+    assert [result.tokens for result in generated] == alone
+    assert max(result.batch_size for result in generated) == 3, "capped at max_batch_size"
+    assert min(result.batch_size for result in generated) >= 2, "they shared steps"

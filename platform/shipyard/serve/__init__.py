@@ -1,0 +1,1 @@
+"""Serving trained checkpoints on Ray Serve: export, generation, the HTTP app, deployment."""

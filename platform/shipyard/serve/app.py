@@ -1,4 +1,8 @@
-"""The Ray Serve application: an HTTP API over `TextGenerator`, dynamically batched and health-checked.
+"""The Ray Serve application: an HTTP API over `TextGenerator`, batched and health-checked.
+
+Batching has two stages: `@serve.batch` groups requests that arrive within
+`batch_wait_timeout_s`, and `ContinuousBatcher` lets each group join the sequences already
+decoding at the next step, up to `max_batch_size` sequences per step.
 
 `build_app(args)` is an application builder, so the same app deploys from Python
 (`shipyard serve`) and from a Serve config file (`serve deploy`). Its args are plain data:
@@ -17,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 
+from shipyard.serve.batching import ContinuousBatcher, Generated
 from shipyard.serve.export import load_exported_model, read_export
 from shipyard.serve.generation import BrokenModelError, GenerationRequest, TextGenerator
 from shipyard.spec.job import ServeSpec
@@ -79,23 +84,24 @@ class ModelServer:
             load_exported_model(self.export, device), self.export.model.sequence_length
         )
         self.generator.check()
+        self.batcher = ContinuousBatcher(self.generator, spec.max_batch_size)
         self.default_max_new_tokens = spec.default_max_new_tokens
-        self._generate_batch.set_max_batch_size(spec.max_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)
+        self._admit.set_max_batch_size(spec.max_batch_size)
+        self._admit.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)
         self.replica = serve.get_replica_context().replica_id.unique_id
 
     @api.post("/v1/generate")
     async def generate(self, body: GenerateBody) -> dict[str, Any]:
         request = self._generation_request(body)
-        tokens, batch_size = await self._generate_batch(request)
+        generated = await (await self._admit(request))
         return {
-            "text": bytes(tokens).decode("utf-8", errors="replace"),
-            "tokens": tokens,
+            "text": bytes(generated.tokens).decode("utf-8", errors="replace"),
+            "tokens": generated.tokens,
             "prompt_tokens": len(request.prompt),
-            "completion_tokens": len(tokens),
+            "completion_tokens": len(generated.tokens),
             "seed": request.seed,
             "finish_reason": "length",
-            "batch_size": batch_size,
+            "batch_size": generated.batch_size,
             "replica": self.replica,
         }
 
@@ -109,12 +115,10 @@ class ModelServer:
         return {**self.export.describe(), "context_length": self.generator.context_length}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _generate_batch(
-        self, requests: list[GenerationRequest]
-    ) -> list[tuple[list[int], int]]:
-        # Off the event loop, so health checks and new requests are answered meanwhile.
-        outputs = await asyncio.to_thread(self.generator.generate, requests)
-        return [(tokens, len(requests)) for tokens in outputs]
+    async def _admit(self, requests: list[GenerationRequest]) -> list[asyncio.Future[Generated]]:
+        """Dynamic batching of arrivals: requests that come within the wait window are handed
+        to the continuous batcher together and join its running batch at the next step."""
+        return self.batcher.submit(requests)
 
     async def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy and replaces it."""

@@ -36,18 +36,18 @@ class GenerationRequest:
 
 
 @dataclass
-class _Sequence:
-    """A request in flight: its sampler, its cache and what it has produced so far."""
+class Sequence:
+    """A request in flight: its sampler, its KV cache and the tokens produced so far."""
 
     request: GenerationRequest
     generator: torch.Generator
-    keys: list[torch.Tensor]  # per block: (heads, context, head_width)
-    values: list[torch.Tensor]
+    caches: list[torch.Tensor]  # per block: keys and values, (2, heads, context, head_width)
     length: int = 0  # tokens in the cache
     produced: list[int] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
+        """True once it has all the new tokens it asked for."""
         return len(self.produced) >= self.request.max_new_tokens
 
 
@@ -71,58 +71,69 @@ class TextGenerator:
     @torch.inference_mode()
     def generate(self, requests: list[GenerationRequest]) -> list[list[int]]:
         """The new tokens for every request, each exactly as if it had been generated alone."""
-        sequences = [self._start(request) for request in requests]
-        logits = [self._prefill(sequence) for sequence in sequences]
-        active = list(range(len(sequences)))
-        while True:
-            for index, row in zip(active, logits, strict=True):
-                sequences[index].produced.append(_choose(row, sequences[index]))
-            active = [index for index in active if not sequences[index].done]
-            if not active:
-                return [sequence.produced for sequence in sequences]
-            logits = self._decode([sequences[index] for index in active])
+        sequences = [self.start(request) for request in requests]
+        while active := [sequence for sequence in sequences if not sequence.done]:
+            self.step(active)
+        return [sequence.produced for sequence in sequences]
+
+    @torch.inference_mode()
+    def start(self, request: GenerationRequest) -> Sequence:
+        """Prefill the request's prompt alone and choose its first new token."""
+        sequence = self._allocate(request)
+        sequence.produced.append(_choose(self._prefill(sequence), sequence))
+        return sequence
+
+    @torch.inference_mode()
+    def step(self, sequences: list[Sequence]) -> None:
+        """One more token for each unfinished sequence. Sequences may join or leave between
+        steps: a row's result never depends on which other rows share the step."""
+        logits = self._decode(sequences)
+        # argmax takes the first maximum of each row, alone or batched: one call for all rows.
+        greedy = logits[:, :BYTE_VOCABULARY].argmax(dim=1).tolist()
+        for sequence, row, best in zip(sequences, logits, greedy, strict=True):
+            sampled = sequence.request.temperature > 0
+            sequence.produced.append(_choose(row, sequence) if sampled else best)
 
     def check(self) -> None:
         """Raise BrokenModelError unless a fixed probe prompt gives finite logits."""
         probe = GenerationRequest(prompt=tuple(b"health"), max_new_tokens=1)
         with torch.inference_mode():
-            self._prefill(self._start(probe))
+            self._prefill(self._allocate(probe))
 
-    def _start(self, request: GenerationRequest) -> _Sequence:
+    def _allocate(self, request: GenerationRequest) -> Sequence:
         if len(request.prompt) + request.max_new_tokens > self.context_length:
             raise ValueError(
                 f"{len(request.prompt)} prompt tokens + {request.max_new_tokens} new tokens exceed "
                 f"the context length {self.context_length}"
             )
-        shape = (self.blocks[0].heads, self.context_length, self._head_width)
-        return _Sequence(
+        shape = (2, self.blocks[0].heads, self.context_length, self._head_width)
+        return Sequence(
             request=request,
             generator=torch.Generator(device="cpu").manual_seed(request.seed),
-            keys=[torch.empty(shape, device=self.device) for _ in self.blocks],
-            values=[torch.empty(shape, device=self.device) for _ in self.blocks],
+            caches=[torch.empty(shape, device=self.device) for _ in self.blocks],
         )
 
     @property
     def _head_width(self) -> int:
         return self.embedding.tokens.embedding_dim // self.blocks[0].heads
 
-    def _prefill(self, sequence: _Sequence) -> torch.Tensor:
+    def _prefill(self, sequence: Sequence) -> torch.Tensor:
         """Run the prompt through the model alone, filling its cache; the last position's logits."""
         tokens = torch.tensor([sequence.request.prompt], device=self.device)
         hidden = self.embedding(tokens)  # (1, length, width)
         length = tokens.shape[1]
         for index, block in enumerate(self.blocks):
             query, key, value = _split_heads(block, block.qkv(block.attention_norm(hidden)))
-            sequence.keys[index][:, :length] = key[0]
-            sequence.values[index][:, :length] = value[0]
+            sequence.caches[index][0, :, :length] = key[0]
+            sequence.caches[index][1, :, :length] = value[0]
             attended = F.scaled_dot_product_attention(query, key, value, is_causal=True)
             hidden = hidden + block.attention_out(_merge_heads(attended))
             hidden = hidden + block.mlp_out(F.gelu(block.mlp_in(block.mlp_norm(hidden))))
         sequence.length = length
         return _finite(self.head(hidden)[0, -1])
 
-    def _decode(self, sequences: list[_Sequence]) -> list[torch.Tensor]:
-        """One new token for each sequence: the logits of the next position, one row each."""
+    def _decode(self, sequences: list[Sequence]) -> torch.Tensor:
+        """The logits of each sequence's next position, one row per sequence."""
         last = torch.tensor([sequence.produced[-1] for sequence in sequences], device=self.device)
         positions = torch.tensor([sequence.length for sequence in sequences], device=self.device)
         hidden = self.embedding.tokens(last) + self.embedding.positions(positions)  # (rows, width)
@@ -138,21 +149,18 @@ class TextGenerator:
         for sequence in sequences:
             sequence.length += 1
         logits = self._linear(self.head.logits, self.head.norm(hidden))
-        return [_finite(row) for row in logits]
+        return _finite(logits)
 
     def _attend_one(
-        self, block: Block, index: int, sequence: _Sequence, qkv: torch.Tensor
+        self, block: Block, index: int, sequence: Sequence, qkv: torch.Tensor
     ) -> torch.Tensor:
         """Attention of one sequence's new token over its own cache (heads flattened back)."""
-        query, key, value = _split_heads(block, qkv.view(1, 1, -1))
-        position = sequence.length
-        sequence.keys[index][:, position] = key[0, :, 0]
-        sequence.values[index][:, position] = value[0, :, 0]
-        cached = slice(0, position + 1)
-        attended = F.scaled_dot_product_attention(
-            query, sequence.keys[index][None, :, cached], sequence.values[index][None, :, cached]
-        )
-        return _merge_heads(attended)[0, 0]
+        heads = qkv.view(3, block.heads, -1)  # query, key, value: (heads, head_width) each
+        cache = sequence.caches[index]
+        cache[:, :, sequence.length] = heads[1:]  # key and value in one write
+        cached = cache[:, None, :, : sequence.length + 1]  # (2, 1, heads, length, head_width)
+        attended = F.scaled_dot_product_attention(heads[0, None, :, None], cached[0], cached[1])
+        return attended.view(-1)
 
     def _linear(self, linear: nn.Linear, rows: torch.Tensor) -> torch.Tensor:
         """`linear(rows)` computed row by row in one batched matmul (see the module docstring)."""
@@ -187,7 +195,7 @@ def _finite(logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _choose(logits: torch.Tensor, sequence: _Sequence) -> int:
+def _choose(logits: torch.Tensor, sequence: Sequence) -> int:
     """The next token: argmax at temperature 0, else a seeded sample (optionally top-k)."""
     request = sequence.request
     logits = logits[:BYTE_VOCABULARY].float().cpu()  # the tokenizer only knows bytes
