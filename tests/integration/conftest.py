@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from shipyard.runtime.local import local_ray_options
 from shipyard.spec.job import JobSpec
 from shipyard.spec.load import validate
 
@@ -40,7 +41,7 @@ def ray_session():
     import ray
     from ray.data import DataContext
 
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+    ray.init(**local_ray_options(), logging_level=logging.WARNING)
     DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # its DEBUG lines flood reports
     yield ray

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -104,21 +106,43 @@ def test_changed_model_is_refused_and_the_checkpoint_kept(cli_job):
     assert {p: p.stat().st_mtime for p in storage.rglob("*") if p.is_file()} == before
 
 
-def test_serve_runs_in_the_foreground_until_sigterm(tmp_path):
-    """Train a few steps, serve them like `serve run`, answer over HTTP, stop cleanly."""
-    storage, port = tmp_path / "runs", free_port()
+@pytest.fixture(scope="module")
+def trained_for_serving(tmp_path_factory) -> tuple[Path, Path, int]:
+    """A job trained for a few steps by the CLI: (job spec path, storage, its serve port)."""
+    folder = tmp_path_factory.mktemp("cli-serve")
+    storage, port = folder / "runs", free_port()
     train = {**TINY_JOB["train"], "max_steps": 6, "warmup_steps": 2, "log_every": 3}
     train.update(checkpoint_every=6, eval_every=6)
     serve = {"port": port, "num_replicas": 1, "cpus_per_replica": 0.25}
     spec = {**TINY_JOB, "name": "cli-serve", "storage": str(storage), "train": train}
-    job_path = tmp_path / "cli-serve.yaml"
+    job_path = folder / "cli-serve.yaml"
     job_path.write_text(yaml.safe_dump({**spec, "serve": serve}))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     trained = subprocess.run(
-        [*SHIPYARD, "train", str(job_path)], capture_output=True, text=True, env=env, timeout=400
+        [*SHIPYARD, "train", str(job_path)],
+        capture_output=True,
+        text=True,
+        env=without_ray_address(),
+        timeout=400,
     )
     assert trained.returncode == 0, trained.stdout + trained.stderr
+    return job_path, storage, port
 
+
+def without_ray_address() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+def direct_answer(storage: Path, prompt: bytes, new_tokens: int) -> list[int]:
+    """What the latest export of cli-serve generates, computed in this process."""
+    export = read_export(saved_checkpoints(str(storage), "cli-serve")[-1].path / "export")
+    generator = TextGenerator(load_exported_model(export), export.model.sequence_length)
+    return generator.generate([GenerationRequest(tuple(prompt), new_tokens)])[0]
+
+
+def test_serve_runs_in_the_foreground_until_sigterm(trained_for_serving, tmp_path):
+    """Serve like `serve run`, answer over HTTP, stop cleanly on SIGTERM."""
+    job_path, storage, port = trained_for_serving
+    env = without_ray_address()
     daemons_before = ray_daemons()
     log_path = tmp_path / "serve.log"
     server = subprocess.Popen(
@@ -140,12 +164,95 @@ def test_serve_runs_in_the_foreground_until_sigterm(tmp_path):
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
 
-    export = read_export(saved_checkpoints(str(storage), "cli-serve")[-1].path / "export")
-    generator = TextGenerator(load_exported_model(export), export.model.sequence_length)
-    assert answer["tokens"] == generator.generate([GenerationRequest(tuple(b"def "), 8)])[0]
+    assert answer["tokens"] == direct_answer(storage, b"def ", 8)
     assert "Stopped: Serve and Ray were shut down." in log_path.read_text()
     wait_for(lambda: ray_daemons() <= daemons_before, 30, "the server's Ray daemons to exit")
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/v1/health", timeout=5)
     config = yaml.safe_load((storage / "cli-serve" / "serve_config.yaml").read_text())
-    assert config["applications"][0]["args"]["export"] == str(export.folder)
+    export = config["applications"][0]["args"]["export"]
+    assert export == str(saved_checkpoints(str(storage), "cli-serve")[-1].path / "export")
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A separate local Ray cluster from `ray start --head --block` (token authentication on).
+
+    `--block` keeps `ray start` in the foreground; signalling its process group stops exactly
+    this cluster, where `ray stop` would stop every Ray on the machine.
+    """
+    port, dashboard_port = free_port(), free_port()
+    ray = str(Path(sys.executable).parent / "ray")
+    options = [f"--port={port}", "--num-cpus=2", "--dashboard-host=127.0.0.1"]
+    options.append(f"--dashboard-port={dashboard_port}")
+    head = subprocess.Popen(
+        [ray, "start", "--head", "--block", *options],
+        stdout=(tmp_path / "ray-head.log").open("w"),
+        stderr=subprocess.STDOUT,
+        env=without_ray_address(),
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: port_open(port) and port_open(dashboard_port), 120, "the Ray head")
+        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}"
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_serve_deploys_to_a_running_cluster_and_returns(trained_for_serving, ray_head):
+    job_path, storage, port = trained_for_serving
+    # Ray sends the local token to an explicitly given address only when asked to.
+    env = {**without_ray_address(), "RAY_AUTH_MODE": "token"}
+
+    address, dashboard = ray_head
+
+    def shipyard_serve(*flags: str) -> subprocess.CompletedProcess:
+        command = [*SHIPYARD, "serve", str(job_path), "--address", address, *flags]
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+    deployed = shipyard_serve()
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    assert "--shutdown" in deployed.stdout
+    url = f"http://127.0.0.1:{port}"
+    answer = requests.post(f"{url}/v1/generate", json={"prompt": "x", "max_new_tokens": 5})
+    assert answer.json()["tokens"] == direct_answer(storage, b"x", 5)
+
+    status = shipyard_serve("--status")
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert (report["status"], report["replicas"]) == ("RUNNING", {"RUNNING": 1})
+
+    assert shipyard_serve("--shutdown").returncode == 0
+    wait_for(
+        lambda: requests.get(f"{url}/v1/health", timeout=5).status_code == 404,
+        60,
+        "the deleted app's route to go",
+    )
+    gone = shipyard_serve("--status")
+    assert gone.returncode == 2
+    assert "no Serve application named 'cli-serve'" in gone.stderr
+
+    # The Serve config file it wrote deploys the same app with Ray's own `serve deploy`.
+    serve_cli = str(Path(sys.executable).parent / "serve")
+    config = str(storage / "cli-serve" / "serve_config.yaml")
+    deployed_by_ray = subprocess.run(
+        [serve_cli, "deploy", config, "--address", dashboard],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert deployed_by_ray.returncode == 0, deployed_by_ray.stdout + deployed_by_ray.stderr
+    wait_for(lambda: shipyard_serve("--status").returncode == 0, 120, "`serve deploy`")
+    wait_for(lambda: requests.get(f"{url}/v1/health", timeout=5).status_code == 200, 120, "the app")
+    answer = requests.post(f"{url}/v1/generate", json={"prompt": "x", "max_new_tokens": 5})
+    assert answer.json()["tokens"] == direct_answer(storage, b"x", 5)
