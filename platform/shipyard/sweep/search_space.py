@@ -1,0 +1,147 @@
+"""A sweep's search space: job-spec fields by dotted path, each with a distribution.
+
+    train.lr: {loguniform: [1.0e-4, 3.0e-3]}
+    model.layers: {choice: [2, 4]}
+    train.zero_stage: {grid: [1, 2]}
+
+Every path must name a field of the job spec, and every value a distribution can produce must
+make a valid job: both are checked here, before Ray starts, with the same errors as the spec.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from shipyard.errors import SpecError
+from shipyard.spec.job import JobSpec
+from shipyard.spec.load import validate
+
+DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
+_RANGES = ("uniform", "loguniform", "randint")
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched field: its dotted path, its distribution and the distribution's arguments."""
+
+    path: str
+    distribution: str
+    values: tuple[Any, ...]  # (low, high) for ranges; the options for choice and grid
+
+    def to_tune(self) -> Any:
+        """The Ray Tune domain for this dimension (randint's high is inclusive here)."""
+        from ray import tune
+
+        if self.distribution == "uniform":
+            return tune.uniform(*self.values)
+        if self.distribution == "loguniform":
+            return tune.loguniform(*self.values)
+        if self.distribution == "randint":
+            low, high = self.values
+            return tune.randint(low, high + 1)
+        if self.distribution == "choice":
+            return tune.choice(list(self.values))
+        return tune.grid_search(list(self.values))
+
+    def extremes(self) -> list[Any]:
+        """Values to validate against the spec: every option, or a range's two bounds (a rule
+        such as heads dividing width is only checked at the bounds of a range)."""
+        return list(self.values)
+
+
+def parse_search_space(space: Any, base: JobSpec, source: str) -> tuple[Dimension, ...]:
+    """Check a `sweep.space` mapping against the job spec; the dimensions, in the given order."""
+    if not isinstance(space, dict) or not space:
+        raise SpecError(
+            f"{source}: sweep.space: must be a mapping of dotted field paths to distributions, "
+            "e.g. {train.lr: {loguniform: [1.0e-4, 3.0e-3]}}."
+        )
+    dimensions = tuple(_dimension(path, entry, source) for path, entry in space.items())
+    for dimension in dimensions:
+        _check_path(dimension.path, source)
+        for value in dimension.extremes():
+            apply_overrides(
+                base, {dimension.path: value}, f"{source}: sweep.space.{dimension.path}"
+            )
+    return dimensions
+
+
+def apply_overrides(base: JobSpec, overrides: dict[str, Any], source: str) -> JobSpec:
+    """`base` with each dotted path set to its value, validated as a whole job."""
+    document = base.model_dump(mode="json")
+    for path, value in overrides.items():
+        *parents, leaf = path.split(".")
+        section = document
+        for name in parents:
+            section = section[name]
+        section[leaf] = value
+    return validate(JobSpec, document, source=source)
+
+
+def _dimension(path: Any, entry: Any, source: str) -> Dimension:
+    where = f"{source}: sweep.space.{path}"
+    if not isinstance(entry, dict) or len(entry) != 1:
+        raise SpecError(
+            f"{where}: must be one distribution, such as {{choice: [2, 4]}}; allowed: "
+            f"{', '.join(DISTRIBUTIONS)}."
+        )
+    ((distribution, values),) = entry.items()
+    if distribution not in DISTRIBUTIONS:
+        raise SpecError(
+            f"{where}: {distribution!r} is not a distribution ({', '.join(DISTRIBUTIONS)})."
+        )
+    if not isinstance(values, list) or not values:
+        raise SpecError(f"{where}: {distribution} needs a non-empty list of values.")
+    if distribution in _RANGES:
+        _check_range(distribution, values, where)
+    return Dimension(str(path), distribution, tuple(values))
+
+
+def _check_range(distribution: str, values: list[Any], where: str) -> None:
+    number = int if distribution == "randint" else (int, float)
+    if (
+        len(values) != 2
+        or not all(isinstance(v, number) and not isinstance(v, bool) for v in values)
+        or not values[0] < values[1]
+        or (distribution == "loguniform" and values[0] <= 0)
+    ):
+        kind = "integers" if distribution == "randint" else "numbers"
+        positive = ", low > 0" if distribution == "loguniform" else ""
+        raise SpecError(
+            f"{where}: {distribution} takes [low, high] {kind} with low < high{positive}; "
+            f"got {values}."
+        )
+    if distribution != "randint" and not all(math.isfinite(v) for v in values):
+        raise SpecError(f"{where}: {distribution} bounds must be finite; got {values}.")
+
+
+def _check_path(path: str, source: str) -> None:
+    """Every dotted segment must name a field; a section (model, train, …) is not a leaf."""
+    model: type[BaseModel] = JobSpec
+    parts = path.split(".")
+    for depth, name in enumerate(parts):
+        fields = model.model_fields
+        if name not in fields:
+            known = ".".join(parts[:depth]) or "the job spec"
+            guess = difflib.get_close_matches(name, list(fields), n=1)
+            hint = f" Did you mean '{'.'.join([*parts[:depth], guess[0]])}'?" if guess else ""
+            raise SpecError(
+                f"{source}: sweep.space.{path}: {known} has no field {name!r}.{hint} "
+                f"Allowed: {', '.join(fields)}."
+            )
+        annotation = fields[name].annotation
+        is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        if depth == len(parts) - 1 and is_section:
+            raise SpecError(
+                f"{source}: sweep.space.{path}: is a section, not a field. To fix: search one of "
+                f"its fields, e.g. {path}.{next(iter(annotation.model_fields))}."
+            )
+        if depth < len(parts) - 1 and not is_section:
+            raise SpecError(f"{source}: sweep.space.{path}: {name} is a field, not a section.")
+        if is_section:
+            model = annotation
