@@ -92,11 +92,7 @@ def deploy(service: Service) -> None:
 
 def serve_status(name: str) -> dict[str, Any]:
     """The app's status and its replicas per state, as Serve reports them."""
-    from ray import serve
-
-    application = serve.status().applications.get(name)
-    if application is None:
-        raise ServeError(f"no Serve application named {name!r} is running on this cluster.")
+    application = _running_application(name)
     deployment = application.deployments[DEPLOYMENT_NAME]
     return {
         "application": name,
@@ -111,8 +107,7 @@ def undeploy(name: str) -> None:
     """Delete the app; Serve's controller and proxies stay for other apps."""
     from ray import serve
 
-    if name not in serve.status().applications:
-        raise ServeError(f"no Serve application named {name!r} is running on this cluster.")
+    _running_application(name)
     serve.delete(name)
 
 
@@ -128,6 +123,16 @@ def stop_serve(timeout_s: float = 15.0) -> bool:
     stopper.start()
     stopper.join(timeout_s)
     return not stopper.is_alive()
+
+
+def _running_application(name: str) -> Any:
+    """Serve's status of the app, or a ServeError if no such app runs on this cluster."""
+    from ray import serve
+
+    application = serve.status().applications.get(name)
+    if application is None:
+        raise ServeError(f"no Serve application named {name!r} is running on this cluster.")
+    return application
 
 
 def _export_for(job: JobSpec, checkpoint: str | None) -> ExportedModel:

@@ -82,16 +82,17 @@ def write_export(
 
     If `target` appears meanwhile (another process exported the same checkpoint), theirs is kept.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
+    weights = save(state)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent))
     try:
-        save_file(state, str(staging / WEIGHTS_FILE))
+        (staging / WEIGHTS_FILE).write_bytes(weights)
         manifest = {
             "job": job_name,
             "step": step,
             "model": spec.model_dump(mode="json"),
-            "sha256": hashlib.sha256((staging / WEIGHTS_FILE).read_bytes()).hexdigest(),
+            "sha256": hashlib.sha256(weights).hexdigest(),
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
         os.rename(staging, target)

@@ -70,7 +70,7 @@ def describe(model: type[BaseModel], problem: dict[str, Any]) -> str:
 
 
 def _unknown_field(model: type[BaseModel], location: list[str]) -> str:
-    parent = _section(model, location[:-1])
+    parent = spec_section(model, location[:-1])
     key = location[-1]
     field = ".".join(location)
     allowed = list(parent.model_fields) if parent else []
@@ -83,7 +83,7 @@ def _unknown_field(model: type[BaseModel], location: list[str]) -> str:
     )
 
 
-def _section(model: type[BaseModel], path: list[str]) -> type[BaseModel] | None:
+def spec_section(model: type[BaseModel], path: list[str]) -> type[BaseModel] | None:
     """The spec class found by walking `path` down from `model`, if it is one."""
     current: type[BaseModel] = model
     for name in path:

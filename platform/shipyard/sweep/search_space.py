@@ -15,11 +15,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel
-
 from shipyard.errors import SpecError
 from shipyard.spec.job import JobSpec
-from shipyard.spec.load import validate
+from shipyard.spec.load import spec_section, validate
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 _RANGES = ("uniform", "loguniform", "randint")
@@ -122,10 +120,14 @@ def _check_range(distribution: str, values: list[Any], where: str) -> None:
 
 def _check_path(path: str, source: str) -> None:
     """Every dotted segment must name a field; a section (model, train, …) is not a leaf."""
-    model: type[BaseModel] = JobSpec
     parts = path.split(".")
     for depth, name in enumerate(parts):
-        fields = model.model_fields
+        section = spec_section(JobSpec, parts[:depth])
+        if section is None:
+            raise SpecError(
+                f"{source}: sweep.space.{path}: {parts[depth - 1]} is a field, not a section."
+            )
+        fields = section.model_fields
         if name not in fields:
             known = ".".join(parts[:depth]) or "the job spec"
             guess = difflib.get_close_matches(name, list(fields), n=1)
@@ -134,14 +136,9 @@ def _check_path(path: str, source: str) -> None:
                 f"{source}: sweep.space.{path}: {known} has no field {name!r}.{hint} "
                 f"Allowed: {', '.join(fields)}."
             )
-        annotation = fields[name].annotation
-        is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
-        if depth == len(parts) - 1 and is_section:
-            raise SpecError(
-                f"{source}: sweep.space.{path}: is a section, not a field. To fix: search one of "
-                f"its fields, e.g. {path}.{next(iter(annotation.model_fields))}."
-            )
-        if depth < len(parts) - 1 and not is_section:
-            raise SpecError(f"{source}: sweep.space.{path}: {name} is a field, not a section.")
-        if is_section:
-            model = annotation
+    leaf_section = spec_section(JobSpec, parts)
+    if leaf_section is not None:
+        raise SpecError(
+            f"{source}: sweep.space.{path}: is a section, not a field. To fix: search one of "
+            f"its fields, e.g. {path}.{next(iter(leaf_section.model_fields))}."
+        )
