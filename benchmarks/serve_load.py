@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from shipyard.models.gpt import GPT
-from shipyard.runtime.local import local_ray_options
+from shipyard.runtime.local import start_local_ray
 from shipyard.serve.deployment import Service, deploy, stop_serve
 from shipyard.serve.export import (
     ExportedModel,
@@ -51,7 +51,7 @@ def main() -> None:
     job = load_job(args.job)
     import ray
 
-    ray.init(**local_ray_options(), logging_level=logging.WARNING)
+    start_local_ray(logging_level=logging.WARNING)
     try:
         with tempfile.TemporaryDirectory() as scratch:
             export = model_to_serve(job, Path(scratch))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shipyard.runtime.local import local_ray_options
+from shipyard.runtime.local import start_local_ray
 from shipyard.spec.job import JobSpec
 from shipyard.spec.load import validate
 
@@ -41,7 +41,7 @@ def ray_session():
     import ray
     from ray.data import DataContext
 
-    ray.init(**local_ray_options(), logging_level=logging.WARNING)
+    start_local_ray(logging_level=logging.WARNING)
     DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # its DEBUG lines flood reports
     yield ray
@@ -93,3 +93,27 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def validation_loss(model, job: JobSpec) -> float:
+    """`job`'s validation loss as its workers compute it: the first batches of each replica's
+    shard, averaged over replicas."""
+    import numpy as np
+    import torch
+
+    from shipyard.data.corpus import build_corpus
+    from shipyard.data.shards import evaluation_batches, load_shard, shard_corpus
+    from shipyard.models.gpt import language_model_loss
+    from shipyard.plan.plan import make_plan
+
+    plan = make_plan(job)
+    corpus = build_corpus(job.data, job.model.sequence_length)
+    per_replica = []
+    for shard in shard_corpus(corpus, plan.data_parallel_size).validation:
+        batches = evaluation_batches(
+            load_shard(shard), plan.micro_batch_size, job.train.eval_batches
+        )
+        with torch.no_grad():
+            losses = [language_model_loss(model(b[:, :-1]), b[:, 1:]).item() for b in batches]
+        per_replica.append(np.mean(losses))
+    return float(np.mean(per_replica))

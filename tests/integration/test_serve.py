@@ -5,15 +5,10 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 import requests
 import torch
 
-from shipyard.data.corpus import build_corpus
-from shipyard.data.shards import evaluation_batches, load_shard
-from shipyard.models.gpt import language_model_loss
-from shipyard.plan.plan import make_plan
 from shipyard.serve import deployment
 from shipyard.serve.app import DEPLOYMENT_NAME
 from shipyard.serve.deployment import Service, serve_status
@@ -21,7 +16,7 @@ from shipyard.serve.export import export_checkpoint, load_exported_model
 from shipyard.serve.generation import GenerationRequest, TextGenerator
 from shipyard.spec.job import ServeSpec
 from shipyard.train.checkpoint import latest_checkpoint
-from tests.integration.conftest import free_port, tiny_job, wait_for
+from tests.integration.conftest import free_port, tiny_job, validation_loss, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -44,22 +39,6 @@ BODIES = [{"prompt": p, "max_new_tokens": 6 + 2 * i} for i, p in enumerate(PROMP
 ]
 
 
-def reported_validation_loss(model: torch.nn.Module, name: str, runs_dir, **train) -> float:
-    """The validation loss as the workers compute it: first batches of each replica's shard."""
-    job = tiny_job(name, runs_dir, **train)
-    plan = make_plan(job)
-    corpus = build_corpus(job.data, job.model.sequence_length)
-    per_replica = []
-    for shard in corpus.validation.split(plan.data_parallel_size, equal=True):
-        batches = evaluation_batches(
-            load_shard(shard), plan.micro_batch_size, job.train.eval_batches
-        )
-        with torch.no_grad():
-            losses = [language_model_loss(model(b[:, :-1]), b[:, 1:]).item() for b in batches]
-        per_replica.append(np.mean(losses))
-    return float(np.mean(per_replica))
-
-
 @pytest.mark.parametrize(
     ("name", "train"),
     [("zero3", {"zero_stage": 3}), ("pipeline2", {"zero_stage": 1, "pipeline_stages": 2})],
@@ -68,7 +47,7 @@ def test_export_is_the_trained_model(layouts, runs_dir, name, train):
     """ZeRO-3 shards and pipeline stages consolidate to the model the run evaluated."""
     result = layouts(name, **train)
     model = load_exported_model(export_checkpoint(latest_checkpoint(str(runs_dir), name)))
-    measured = reported_validation_loss(model, name, runs_dir, **train)
+    measured = validation_loss(model, tiny_job(name, runs_dir, **train))
     assert measured == pytest.approx(result.final["val_loss"], rel=1e-4)
 
 

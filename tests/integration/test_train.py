@@ -99,3 +99,29 @@ def test_checkpoints_are_pruned_to_keep_checkpoints(layouts, runs_dir):
     kept = saved_checkpoints(str(runs_dir), "zero2")
     assert [c.step for c in kept] == [18, 24]
     assert kept[-1].job["train"]["zero_stage"] == 2
+
+
+def test_every_ray_process_queries_its_own_cluster(ray_session):
+    """Train V2's placement-group cleaner asks Ray's state API, from inside the cluster, whether
+    the run's controller lives. It must reach this cluster even when `ray start` left another
+    cluster's address in /tmp/ray (a dead one would stall every run's shutdown)."""
+
+    @ray_session.remote(num_cpus=0)
+    class Probe:
+        def ready(self) -> bool:
+            return True
+
+    @ray_session.remote(num_cpus=0)
+    def state_seen_from_inside(actor_id: str) -> tuple[str, str]:
+        import os
+
+        from ray.util.state import get_actor
+
+        return os.environ["RAY_ADDRESS"], get_actor(actor_id, timeout=10).state
+
+    probe = Probe.remote()
+    ray_session.get(probe.ready.remote())
+    address, state = ray_session.get(state_seen_from_inside.remote(probe._actor_id.hex()))
+    assert address == ray_session.get_runtime_context().gcs_address
+    assert state == "ALIVE"
+    ray_session.kill(probe)

@@ -1,35 +1,71 @@
-"""Handing each worker its data-parallel shard, and cutting it into resumable micro-batches.
+"""Splitting the corpus into data-parallel shards, and cutting a shard into resumable batches.
 
 Ray Train splits datasets by world rank, but the stages of one pipeline replica must all see the
 same batch (the first stage reads inputs, the last reads targets). So we split by data-parallel
 rank: world rank r is pipeline stage r // dp and replica r % dp, DeepSpeed's pipe-major topology.
+
+The split runs on the driver before the workers start: splitting blocks takes Ray tasks of one
+CPU each, which a cluster whose CPUs the workers (or other sweep trials) hold could never run.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from ray.train import DataConfig
 
+if TYPE_CHECKING:
+    import ray.data
+
+    from shipyard.data.corpus import Corpus
+
+
+@dataclass(frozen=True)
+class CorpusShards:
+    """A corpus split into `len(train)` equal, ordered shards per split."""
+
+    corpus: Corpus
+    train: tuple[ray.data.Dataset, ...]
+    validation: tuple[ray.data.Dataset, ...]
+
+    @property
+    def data_parallel_size(self) -> int:
+        """How many model replicas the shards are for."""
+        return len(self.train)
+
+    def datasets(self) -> dict[str, ray.data.Dataset]:
+        """The unsplit splits, as the trainer's `datasets` (DataParallelShards hands out shards)."""
+        return {"train": self.corpus.train, "validation": self.corpus.validation}
+
+
+def shard_corpus(corpus: Corpus, data_parallel_size: int) -> CorpusShards:
+    """Split both splits of `corpus` into equal shards, one per data-parallel replica."""
+    # A materialized dataset splits the same way every time; streaming splits need not.
+    return CorpusShards(
+        corpus=corpus,
+        train=tuple(corpus.train.split(data_parallel_size, equal=True)),
+        validation=tuple(corpus.validation.split(data_parallel_size, equal=True)),
+    )
+
 
 class DataParallelShards(DataConfig):
-    """Gives world rank r the shard of data-parallel rank r % dp, split in a fixed order."""
+    """Gives world rank r the shards of data-parallel rank r % dp, split beforehand."""
 
-    def __init__(self, data_parallel_size: int):
+    def __init__(self, shards: CorpusShards):
         super().__init__()
-        self.data_parallel_size = data_parallel_size
+        self.shards = shards
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        output: list[dict[str, Any]] = [{} for _ in range(world_size)]
-        for name, dataset in datasets.items():
-            # A materialized dataset splits the same way every time; streaming splits need not.
-            shards = dataset.split(self.data_parallel_size, equal=True)
-            for rank in range(world_size):
-                output[rank][name] = shards[rank % self.data_parallel_size].iterator()
-        return output
+        # Ray Train asks for one split at a time, by name ('train' or 'validation').
+        replicas = self.shards.data_parallel_size
+        return [
+            {name: getattr(self.shards, name)[rank % replicas].iterator() for name in datasets}
+            for rank in range(world_size)
+        ]
 
 
 def load_shard(shard: Any) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -31,21 +32,44 @@ def ray_runtime(address: str | None = None, *, verbose: bool = False) -> Iterato
     if address:
         _join(ray, address, options)
     else:
-        ray.init(**local_ray_options(), **options)
+        start_local_ray(**options)
     try:
         yield
     finally:
         ray.shutdown()
 
 
-def local_ray_options() -> dict:
-    """`ray.init` options for a new embedded Ray on this machine.
+def start_local_ray(**init_options) -> None:
+    """Start a new embedded Ray on this machine (dashboard on, listening on 127.0.0.1 only).
 
     address="local" always starts a new one: a bare `ray.init()` would join whatever cluster
-    `ray start` last recorded in /tmp/ray, even one that has since died. The dashboard stays on
-    (Train V2 needs it to clean up placement groups) and listens on 127.0.0.1 only.
+    `ray start` last recorded in /tmp/ray, even one that has since died. Ray's state API, which
+    Train V2's placement-group cleaner calls from inside the cluster, has the same flaw: it reads
+    RAY_ADDRESS, else that file. So the GCS port is fixed up front and every Ray process started
+    here inherits RAY_ADDRESS naming its own cluster; this process's environment is restored.
     """
-    return {"address": "local", "include_dashboard": True, "dashboard_host": "127.0.0.1"}
+    import ray
+
+    address = f"{ray.util.get_node_ip_address()}:{_free_port()}"
+    pinned = {"RAY_GCS_SERVER_PORT": address.rsplit(":", 1)[1], "RAY_ADDRESS": address}
+    saved = {name: os.environ.get(name) for name in pinned}
+    os.environ.update(pinned)
+    try:
+        ray.init(
+            address="local", include_dashboard=True, dashboard_host="127.0.0.1", **init_options
+        )
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
 
 
 def _join(ray, address: str, options: dict) -> None:

@@ -11,6 +11,18 @@ CHECKPOINT_TAG = "deepspeed"  # DeepSpeed's tag folder inside every Ray checkpoi
 METADATA_FILE = "shipyard.json"  # job spec, plan and metrics, written by rank 0
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's registry of a run
 
+# Job fields whose change makes a saved DeepSpeed checkpoint unloadable (shapes or sharding).
+STATE_SHAPING_FIELDS = (
+    "model.layers",
+    "model.heads",
+    "model.width",
+    "model.sequence_length",
+    "model.vocabulary_size",
+    "train.num_workers",
+    "train.pipeline_stages",
+    "train.zero_stage",
+)
+
 
 @dataclass(frozen=True)
 class SavedCheckpoint:

@@ -10,7 +10,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from shipyard.models.gpt import GPT, language_model_loss, layer_recipes
 from shipyard.plan.plan import ParallelPlan
-from shipyard.spec.job import JobSpec
+from shipyard.spec.job import JobSpec, TrainSpec
 from shipyard.train.schedule import lr_factor
 
 
@@ -26,6 +26,23 @@ def build_engine(job: JobSpec, plan: ParallelPlan, config: dict[str, Any]):
         lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda step: lr_factor(step, job.train)),
     )
     return engine
+
+
+def apply_hyperparameters(engine, train: TrainSpec) -> None:
+    """Make a restored optimizer follow `train`'s lr, weight decay and betas.
+
+    DeepSpeed restores them from the checkpoint along with the moments. A resumed job whose lr
+    was changed, or a PBT trial continuing another trial's checkpoint with perturbed values,
+    must train with its own. The schedule position (steps taken) is kept.
+    """
+    scheduler = engine.lr_scheduler
+    factor = lr_factor(scheduler.last_epoch, train)
+    scheduler.base_lrs = [train.lr for _ in scheduler.base_lrs]
+    for group in engine.optimizer.param_groups:
+        group["initial_lr"] = train.lr
+        group["lr"] = train.lr * factor
+        group["weight_decay"] = train.weight_decay
+        group["betas"] = tuple(train.betas)
 
 
 def build_model(job: JobSpec, plan: ParallelPlan) -> torch.nn.Module:

@@ -14,11 +14,11 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Empty, Queue
 
 from shipyard.data.corpus import Corpus, build_corpus
-from shipyard.data.shards import DataParallelShards
+from shipyard.data.shards import CorpusShards, DataParallelShards, shard_corpus
 from shipyard.errors import ResourceError, SpecError, TrainingError
 from shipyard.plan.plan import ParallelPlan, make_plan
 from shipyard.spec.job import JobSpec
-from shipyard.train.checkpoint import latest_checkpoint
+from shipyard.train.checkpoint import STATE_SHAPING_FIELDS, latest_checkpoint
 from shipyard.train.worker import Fault, train_loop
 
 Metrics = dict[str, Any]
@@ -44,20 +44,28 @@ def run_training(
     on_corpus: Callable[[Corpus], None] | None = None,
     stop_at_step: int | None = None,
     fault: Fault | None = None,
+    shards: CorpusShards | None = None,
+    start_checkpoint: str | None = None,
 ) -> TrainResult:
     """Train `job` on the Ray cluster this process is connected to; resumes if it can.
 
     `stop_at_step` ends this invocation early (with a checkpoint) so a later run can continue.
+    `shards` reuses a corpus already built and split for the job's data and data-parallel size;
+    `start_checkpoint` starts a new run from a checkpoint of the same model layout (a sweep
+    trial continuing another trial's).
     """
     plan = make_plan(job)
     check_resources(plan, ray.cluster_resources())
     check_resumable(job)
-    corpus = build_corpus(job.data, job.model.sequence_length)
-    check_enough_data(corpus, plan, job)
+    if shards is None:
+        shards = shard_corpus(
+            build_corpus(job.data, job.model.sequence_length), plan.data_parallel_size
+        )
+    check_enough_data(shards.corpus, plan, job)
     if on_corpus:
-        on_corpus(corpus)
+        on_corpus(shards.corpus)
     metrics_queue = Queue(actor_options={"num_cpus": 0})
-    trainer = build_trainer(job, plan, corpus, metrics_queue, stop_at_step, fault)
+    trainer = build_trainer(job, plan, shards, metrics_queue, stop_at_step, fault, start_checkpoint)
     result = TrainResult()
     try:
         outcome = _fit_forwarding_metrics(trainer, metrics_queue, result.history, on_metrics)
@@ -109,10 +117,11 @@ def _forward(metrics_queue, history, on_metrics, timeout: float | None) -> bool:
 def build_trainer(
     job: JobSpec,
     plan: ParallelPlan,
-    corpus: Corpus,
+    shards: CorpusShards,
     metrics_queue: Queue,
     stop_at_step: int | None = None,
     fault: Fault | None = None,
+    start_checkpoint: str | None = None,
 ) -> TorchTrainer:
     """The TorchTrainer that runs `train_loop` on every rank as the plan says."""
     resources = {"CPU": plan.cpus_per_worker}
@@ -125,6 +134,7 @@ def build_trainer(
             "plan": plan.to_dict(),
             "stop_at_step": stop_at_step,
             "fault": asdict(fault) if fault else None,
+            "start_checkpoint": start_checkpoint,
         },
         torch_config=TorchConfig(backend=plan.backend),
         scaling_config=ScalingConfig(
@@ -139,8 +149,8 @@ def build_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
             callbacks=[ForwardMetrics(metrics_queue)],
         ),
-        datasets={"train": corpus.train, "validation": corpus.validation},
-        dataset_config=DataParallelShards(plan.data_parallel_size),
+        datasets=shards.datasets(),
+        dataset_config=DataParallelShards(shards),
     )
 
 
@@ -177,7 +187,8 @@ def check_resumable(job: JobSpec) -> None:
     if saved is None:
         return
     new = job.model_dump(mode="json")
-    for section, key in _STATE_SHAPING_FIELDS:
+    for path in STATE_SHAPING_FIELDS:
+        section, key = path.split(".")
         before, after = saved.job[section].get(key), new[section].get(key)
         if before != after:
             raise SpecError(
@@ -186,19 +197,6 @@ def check_resumable(job: JobSpec) -> None:
                 "To fix: give the job a new name, or change the field back; the saved "
                 "checkpoint is left untouched."
             )
-
-
-# Fields whose change makes a saved DeepSpeed checkpoint unloadable (shapes or sharding).
-_STATE_SHAPING_FIELDS = (
-    ("model", "layers"),
-    ("model", "heads"),
-    ("model", "width"),
-    ("model", "sequence_length"),
-    ("model", "vocabulary_size"),
-    ("train", "num_workers"),
-    ("train", "pipeline_stages"),
-    ("train", "zero_stage"),
-)
 
 
 def check_enough_data(corpus: Corpus, plan: ParallelPlan, job: JobSpec) -> None:

@@ -28,7 +28,7 @@ from shipyard.plan.plan import ParallelPlan
 from shipyard.spec.job import JobSpec
 from shipyard.train.checkpoint import CHECKPOINT_TAG, METADATA_FILE
 from shipyard.train.deepspeed_config import deepspeed_config
-from shipyard.train.engine import build_engine
+from shipyard.train.engine import apply_hyperparameters, build_engine
 
 
 @dataclass(frozen=True)
@@ -51,14 +51,26 @@ def train_loop(config: dict[str, Any]) -> None:
         **{**config["plan"], "layers_per_stage": tuple(config["plan"]["layers_per_stage"])}
     )
     fault = Fault(**config["fault"]) if config.get("fault") else None
-    Worker(job, plan, stop_at_step=config.get("stop_at_step"), fault=fault).run()
+    worker = Worker(
+        job,
+        plan,
+        stop_at_step=config.get("stop_at_step"),
+        fault=fault,
+        start_checkpoint=config.get("start_checkpoint"),
+    )
+    worker.run()
 
 
 class Worker:
     """One rank's training state: engine, data stream and step counter."""
 
     def __init__(
-        self, job: JobSpec, plan: ParallelPlan, stop_at_step: int | None, fault: Fault | None
+        self,
+        job: JobSpec,
+        plan: ParallelPlan,
+        stop_at_step: int | None,
+        fault: Fault | None,
+        start_checkpoint: str | None = None,
     ):
         import deepspeed
 
@@ -72,7 +84,7 @@ class Worker:
         deepspeed.init_distributed(dist_backend=plan.backend)
         self.engine = build_engine(job, plan, deepspeed_config(plan, job.train))
         self.pipelined = plan.pipeline_stages > 1
-        self.step = self._restore()
+        self.step = self._restore(start_checkpoint)
         self.train_windows = load_shard(ray.train.get_dataset_shard("train"))
         self.validation_windows = load_shard(ray.train.get_dataset_shard("validation"))
 
@@ -165,12 +177,18 @@ class Worker:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def _restore(self) -> int:
+    def _restore(self, start_checkpoint: str | None) -> int:
+        """The step to continue from: this run's own latest checkpoint, else `start_checkpoint`
+        (a sweep trial continuing another trial's checkpoint), else a fresh start at 0."""
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                _, client_state = self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
+        elif start_checkpoint:
+            _, client_state = self.engine.load_checkpoint(start_checkpoint, tag=CHECKPOINT_TAG)
+        else:
             return 0
-        with checkpoint.as_directory() as folder:
-            _, client_state = self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
+        apply_hyperparameters(self.engine, self.train)
         return int(client_state["step"])
 
     def _is_report_step(self) -> bool:
