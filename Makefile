@@ -20,7 +20,7 @@ run: setup
 	$(VENV)/bin/shipyard train $(JOB)
 
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=15
 
 test-unit: setup
 	$(PY) -m pytest tests/unit
@@ -39,6 +39,7 @@ format: setup
 bench: setup
 	$(PY) benchmarks/train_overhead.py
 	$(PY) benchmarks/serve_load.py
+	$(PY) benchmarks/sweep_efficiency.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

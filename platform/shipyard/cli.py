@@ -69,6 +69,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--verbose", action="store_true", help="show Ray's and replicas' logs")
     serve.set_defaults(command=_serve)
 
+    sweep = commands.add_parser(
+        "sweep", help="run the job's sweep: Ray Tune trials that are each a training run"
+    )
+    sweep.add_argument("job", help="path of a job spec YAML with a sweep: section")
+    sweep.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or embedded)")
+    sweep.add_argument(
+        "--resume",
+        action="store_true",
+        help="only resume an interrupted sweep (a plain re-run also resumes; this fails if "
+        "there is nothing to resume)",
+    )
+    sweep.add_argument("--verbose", action="store_true", help="show Ray's and trials' logs")
+    sweep.set_defaults(command=_sweep)
+
     plan = commands.add_parser("plan", help="validate a job spec and print its parallel plan")
     plan.add_argument("job", help="path of the job spec YAML")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -86,6 +100,58 @@ def _plan(args: argparse.Namespace, console: Console) -> int:
         print(json.dumps(plan.to_dict(), indent=2))
     else:
         console.print(f"[bold]{job.name}[/]: {args.job}\n{plan.explain()}", highlight=False)
+    return 0
+
+
+def _sweep(args: argparse.Namespace, console: Console) -> int:
+    from shipyard.errors import SpecError
+    from shipyard.runtime.local import ray_runtime
+    from shipyard.spec.load import load_job
+    from shipyard.sweep.report import TrialTable, results_table, write_results
+    from shipyard.sweep.search_space import check_sweep
+    from shipyard.sweep.tuner import run_sweep, unfinished_trials
+
+    job = load_job(args.job)  # decide first: a bad spec or sweep fails before Ray starts
+    if job.sweep is None:
+        raise SpecError(
+            f"{args.job}: sweep: the job has no sweep section. To fix: add one, e.g.\n"
+            "sweep:\n  space:\n    train.lr: {loguniform: [1.0e-4, 3.0e-3]}"
+        )
+    dimensions = check_sweep(job, args.job)
+    paths = [dimension.path for dimension in dimensions]
+
+    def announce(setup) -> None:
+        verb = "resuming" if setup.resumed else "starting"
+        console.print(
+            f"[bold]{job.name}[/]: {verb} a {job.sweep.scheduler} sweep of "
+            f"{job.sweep.num_samples} samples over {', '.join(paths)}, "
+            f"{setup.concurrent_trials} trials at a time, in {setup.folder}",
+            highlight=False,
+        )
+
+    table = TrialTable(job.sweep.metric, paths, job.train.max_steps)
+    with ray_runtime(args.address, verbose=args.verbose):
+        setup, grid = run_sweep(
+            job, dimensions, callbacks=[table], must_resume=args.resume, on_setup=announce
+        )
+        unfinished = unfinished_trials(setup.folder)
+        if unfinished:
+            console.print(
+                f"Interrupted with {len(unfinished)} trials unfinished; the sweep's state is "
+                f"saved in {setup.folder}. To resume: shipyard sweep {args.job}"
+            )
+            return 130
+        report = write_results(grid, job, paths, setup.folder)
+    console.print(results_table(report, paths, job.sweep.metric))
+    console.print(
+        f"Best: trial {report.best_trial}, {job.sweep.metric} {report.best_metric:.4f}\n"
+        f"  checkpoint: {report.best_checkpoint}\n"
+        f"  job spec:   {report.best_job_file}\n"
+        f"  results:    {report.results_file}\n"
+        f"  plot:       {report.plot_file}\n"
+        f"Next: shipyard serve {report.best_job_file} --checkpoint {report.best_checkpoint}",
+        highlight=False,
+    )
     return 0
 
 

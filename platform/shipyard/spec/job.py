@@ -6,7 +6,7 @@ name each field by its full dotted path, so the loader can report them as they a
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -222,6 +222,66 @@ class FailureSpec(Strict):
     max_failures: int = Field(1, ge=0)
 
 
+class AshaSpec(Strict):
+    """Asynchronous successive halving: at each rung keep the best 1/reduction_factor of trials."""
+
+    grace_period: int = Field(10, ge=1, description="steps every trial trains before a cut")
+    reduction_factor: float = Field(3.0, gt=1)
+
+
+class PbtSpec(Strict):
+    """Population-based training: every `perturbation_interval` steps the bottom quantile
+    continues from a top trial's checkpoint with perturbed hyperparameters."""
+
+    perturbation_interval: int = Field(20, ge=1, description="in optimizer steps")
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5)
+    resample_probability: float = Field(0.25, ge=0, le=1)
+
+
+class SweepSpec(Strict):
+    """`shipyard sweep`: a Ray Tune search in which every trial is a Shipyard training run.
+
+    `space` maps dotted job-spec paths to one distribution each; it is checked against the
+    rest of the job when the file is loaded (see shipyard.sweep.search_space).
+    """
+
+    space: dict[str, Any]
+    metric: Literal["val_loss", "loss"] = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    num_samples: int = Field(4, ge=1, description="trials; with grid entries, repeats of the grid")
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    search: Literal["random", "optuna"] = "random"
+    scheduler: Literal["fifo", "asha", "pbt"] = "fifo"
+    asha: AshaSpec | None = None
+    pbt: PbtSpec | None = None
+    seed: int = Field(0, ge=0, description="seeds the search algorithm (random or optuna)")
+
+    @model_validator(mode="after")
+    def _scheduler_settings_match(self) -> SweepSpec:
+        for name in ("asha", "pbt"):
+            if getattr(self, name) is not None and self.scheduler != name:
+                raise ValueError(
+                    f"sweep.{name}: settings for the {name} scheduler, but sweep.scheduler is "
+                    f"{self.scheduler!r}. To fix: set scheduler: {name}, or remove sweep.{name}."
+                )
+        if self.scheduler == "pbt" and self.search != "random":
+            raise ValueError(
+                f"sweep.search: {self.search!r} cannot drive the pbt scheduler, which explores "
+                "by itself. To fix: use search: random with scheduler: pbt."
+            )
+        return self
+
+    @property
+    def asha_settings(self) -> AshaSpec:
+        """The ASHA settings given, or the defaults."""
+        return self.asha or AshaSpec()
+
+    @property
+    def pbt_settings(self) -> PbtSpec:
+        """The PBT settings given, or the defaults."""
+        return self.pbt or PbtSpec()
+
+
 class JobSpec(Strict):
     """One job: what model, on what data, trained how, saved where."""
 
@@ -234,6 +294,7 @@ class JobSpec(Strict):
     )
     failure: FailureSpec = FailureSpec()
     serve: ServeSpec = ServeSpec()
+    sweep: SweepSpec | None = None
 
     @model_validator(mode="after")
     def _fits_the_model(self) -> JobSpec:
@@ -248,7 +309,40 @@ class JobSpec(Strict):
                 f"storage: {self.storage!r} is cloud storage, which this version cannot use yet. "
                 "To fix: give a local folder such as 'runs'."
             )
+        if self.sweep is not None:
+            _check_sweep_cadence(self.sweep, self.train)
         return self
+
+
+def _check_sweep_cadence(sweep: SweepSpec, train: TrainSpec) -> None:
+    """Tune sees a trial's metric only at report steps; schedulers need it with checkpoints."""
+    if sweep.metric == "val_loss" and train.checkpoint_every % train.eval_every:
+        raise ValueError(
+            f"train.checkpoint_every: {train.checkpoint_every} is not a multiple of "
+            f"train.eval_every {train.eval_every}, so some checkpoints of a sweep trial would "
+            "have no sweep.metric val_loss to rank them by. To fix: make checkpoint_every a "
+            "multiple of eval_every."
+        )
+    if sweep.metric == "loss" and train.checkpoint_every % train.log_every:
+        raise ValueError(
+            f"train.checkpoint_every: {train.checkpoint_every} is not a multiple of "
+            f"train.log_every {train.log_every}, so some checkpoints of a sweep trial would "
+            "have no sweep.metric loss. To fix: make checkpoint_every a multiple of log_every."
+        )
+    interval = sweep.pbt_settings.perturbation_interval
+    if sweep.scheduler == "pbt" and interval % train.checkpoint_every:
+        raise ValueError(
+            f"sweep.pbt.perturbation_interval: {interval} is not a multiple of "
+            f"train.checkpoint_every {train.checkpoint_every}; a trial that exploits another "
+            "would start from a stale checkpoint. To fix: make the interval a multiple of "
+            "checkpoint_every."
+        )
+    if sweep.scheduler == "asha" and sweep.asha_settings.grace_period > train.max_steps:
+        raise ValueError(
+            f"sweep.asha.grace_period: {sweep.asha_settings.grace_period} is longer than "
+            f"train.max_steps {train.max_steps}, so no trial could be stopped early. To fix: "
+            f"use a grace period below {train.max_steps} steps."
+        )
 
 
 def _divisors(number: int) -> list[int]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import difflib
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,6 +21,10 @@ Spec = TypeVar("Spec", bound=BaseModel)
 def load_job(path: str | os.PathLike[str]) -> JobSpec:
     """Read and validate a job spec file; relative storage paths resolve against the cwd."""
     job = validate(JobSpec, read_yaml(path), source=str(path))
+    if job.sweep is not None:
+        from shipyard.sweep.search_space import check_sweep  # it builds on this module
+
+        check_sweep(job, str(path))
     return job.model_copy(update={"storage": str(Path(job.storage).expanduser().resolve())})
 
 
@@ -88,11 +94,21 @@ def spec_section(model: type[BaseModel], path: list[str]) -> type[BaseModel] | N
     current: type[BaseModel] = model
     for name in path:
         field = current.model_fields.get(name)
-        annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        sections = [_as_section(kind) for kind in _kinds(field.annotation if field else None)]
+        found = [section for section in sections if section is not None]
+        if not found:
             return None
-        current = annotation
+        current = found[0]
     return current
+
+
+def _kinds(annotation: Any) -> tuple[Any, ...]:
+    """The types an annotation allows: `SweepSpec | None` gives (SweepSpec, NoneType)."""
+    return typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+
+
+def _as_section(kind: Any) -> type[BaseModel] | None:
+    return kind if isinstance(kind, type) and issubclass(kind, BaseModel) else None
 
 
 def _lowercase_first(text: str) -> str:

@@ -18,9 +18,12 @@ from typing import Any
 from shipyard.errors import SpecError
 from shipyard.spec.job import JobSpec
 from shipyard.spec.load import spec_section, validate
+from shipyard.train.checkpoint import STATE_SHAPING_FIELDS
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 _RANGES = ("uniform", "loguniform", "randint")
+_FINITE = ("choice", "grid")
+_NOT_SEARCHABLE = ("name", "storage", "sweep", "serve")
 
 
 @dataclass(frozen=True)
@@ -46,10 +49,58 @@ class Dimension:
             return tune.choice(list(self.values))
         return tune.grid_search(list(self.values))
 
+    def to_mutation(self) -> Any:
+        """What PBT resamples from: the domain for ranges, the list of options otherwise."""
+        if self.distribution in _RANGES:
+            return self.to_tune()
+        return list(self.values)
+
     def extremes(self) -> list[Any]:
         """Values to validate against the spec: every option, or a range's two bounds (a rule
         such as heads dividing width is only checked at the bounds of a range)."""
         return list(self.values)
+
+
+def check_sweep(job: JobSpec, source: str) -> tuple[Dimension, ...]:
+    """The job's search space, checked against the job and against the sweep's scheduler."""
+    assert job.sweep is not None
+    sweep = job.sweep
+    dimensions = parse_search_space(sweep.space, job, source)
+    for dimension in dimensions:
+        where = f"{source}: sweep.space.{dimension.path}"
+        if dimension.path.split(".")[0] in _NOT_SEARCHABLE:
+            raise SpecError(
+                f"{where}: {', '.join(_NOT_SEARCHABLE)} name the sweep itself and cannot be "
+                "searched. To fix: search fields of model, data, train or failure."
+            )
+        if sweep.search == "optuna" and dimension.distribution == "grid":
+            raise SpecError(
+                f"{where}: grid cannot be searched by optuna, which samples. To fix: use "
+                "choice, or search: random."
+            )
+        if sweep.scheduler != "fifo" and dimension.path == "train.max_steps":
+            raise SpecError(
+                f"{where}: the {sweep.scheduler} scheduler decides how long trials train, up to "
+                "train.max_steps. To fix: set train.max_steps and leave it out of the space."
+            )
+        if sweep.scheduler == "pbt" and dimension.path in STATE_SHAPING_FIELDS:
+            raise SpecError(
+                f"{where}: pbt copies checkpoints between trials, and this field changes the "
+                "checkpoint's shapes or sharding. To fix: search it with scheduler fifo or "
+                "asha, or fix it in the job and search training hyperparameters such as "
+                "train.lr."
+            )
+        if shapes_corpus(dimension.path) and dimension.distribution not in _FINITE:
+            raise SpecError(
+                f"{where}: the corpus is built once per value before trials start, so this "
+                f"field takes choice or grid, not {dimension.distribution}."
+            )
+    return dimensions
+
+
+def shapes_corpus(path: str) -> bool:
+    """Whether the field changes the token windows a trial trains on."""
+    return path.startswith("data.") or path == "model.sequence_length"
 
 
 def parse_search_space(space: Any, base: JobSpec, source: str) -> tuple[Dimension, ...]:

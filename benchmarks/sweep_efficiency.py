@@ -1,0 +1,114 @@
+"""Training steps ASHA and random search spend to find a config within 2% of the best loss.
+
+Both sweeps draw the same configs (one search space, one seed). Random search trains every
+trial to the end; ASHA stops the weak ones at its rungs. For each, walk the trials' reports in
+time order and count the steps trained by all trials until some trial first reports a
+validation loss within 2% of the best either sweep found. Prints both counts, their ratio
+(goal: ASHA needs at least 3x fewer) and each sweep's wall time.
+
+    .venv/bin/python benchmarks/sweep_efficiency.py [--trials 12] [--max-steps 81]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+
+from shipyard.runtime.local import start_local_ray
+from shipyard.spec.job import JobSpec
+from shipyard.spec.load import validate
+from shipyard.sweep.search_space import check_sweep
+from shipyard.sweep.tuner import run_sweep
+
+WITHIN = 1.02
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--max-steps", type=int, default=81)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    start_local_ray(logging_level=logging.WARNING, log_to_driver=False)
+    storage = tempfile.mkdtemp(prefix="shipyard-sweep-bench-")
+    histories, wall = {}, {}
+    for scheduler in ("fifo", "asha"):
+        job = benchmark_job(scheduler, storage, args)
+        started = time.perf_counter()
+        _, grid = run_sweep(job, check_sweep(job, "benchmark"), callbacks=[])
+        wall[scheduler] = time.perf_counter() - started
+        histories[scheduler] = [result.metrics_dataframe for result in grid if not result.error]
+
+    best = min(history["val_loss"].min() for runs in histories.values() for history in runs)
+    target = best * WITHIN
+    print(
+        f"{args.trials} trials of up to {args.max_steps} steps, lr ~ loguniform(1e-5, 1e-2), "
+        f"seed {args.seed}; best val_loss {best:.4f}, target <= {target:.4f}"
+    )
+    found = {}
+    for scheduler, name in (("fifo", "random search"), ("asha", "ASHA")):
+        found[scheduler] = steps_to_find(histories[scheduler], target)
+        total = sum(int(history["step"].max()) for history in histories[scheduler])
+        own_best = min(history["val_loss"].min() for history in histories[scheduler])
+        print(
+            f"{name:14s}: {found[scheduler]} steps to find it, {total} steps in all, "
+            f"best {own_best:.4f}, wall {wall[scheduler]:.0f} s"
+        )
+    if found["asha"] and found["fifo"]:
+        print(f"ratio random/ASHA steps to find: {found['fifo'] / found['asha']:.2f}  (goal >= 3)")
+    print(f"wall time ratio random/ASHA: {wall['fifo'] / wall['asha']:.2f}")
+
+
+def benchmark_job(scheduler: str, storage: str, args) -> JobSpec:
+    """A small GPT whose trials differ only in lr; evaluated and checkpointed every 3 steps."""
+    sweep = {
+        "space": {"train.lr": {"loguniform": [1.0e-5, 1.0e-2]}},
+        "num_samples": args.trials,
+        "seed": args.seed,
+        "scheduler": scheduler,
+    }
+    if scheduler == "asha":
+        sweep["asha"] = {"grace_period": 3, "reduction_factor": 3}
+    document = {
+        "name": f"bench-{scheduler}",
+        "model": {"layers": 2, "heads": 2, "width": 64, "sequence_length": 64},
+        "data": {"max_bytes": 1_000_000},
+        "train": {
+            "num_workers": 2,
+            "cpus_per_worker": 0.45,
+            "micro_batch_size": 8,
+            "warmup_steps": 3,
+            "max_steps": args.max_steps,
+            "log_every": 3,
+            "eval_every": 3,
+            "checkpoint_every": 3,
+            "keep_checkpoints": 1,
+            "seed": args.seed,
+        },
+        "failure": {"max_failures": 0},
+        "storage": storage,
+        "sweep": sweep,
+    }
+    return validate(JobSpec, document, source="benchmark")
+
+
+def steps_to_find(histories, target: float) -> int | None:
+    """Steps trained by all trials, in report order, until one reports a loss <= target."""
+    rows = sorted(
+        (row["timestamp"], row["step"], index, row["val_loss"])
+        for index, history in enumerate(histories)
+        for _, row in history.iterrows()
+    )
+    trained = [0] * len(histories)
+    for _, step, index, loss in rows:
+        trained[index] = int(step)
+        if loss <= target:
+            return sum(trained)
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""One sweep trial: the job with the trial's values, trained as a Shipyard run inside Ray Tune.
+
+Tune cannot drive a Train V2 trainer directly, so each trial is a Tune function that runs
+`run_training` and forwards its reports. Every (re)start of a trial is a new Train run: it
+continues from the checkpoint Tune hands it, which after a PBT exploit is another trial's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from shipyard.data.shards import CorpusShards
+from shipyard.spec.job import JobSpec
+from shipyard.sweep.search_space import apply_overrides
+from shipyard.train.checkpoint import read_checkpoint
+
+TRIAL_CPUS = 0.01  # the trial's own actor only forwards reports; its Train workers hold the CPUs
+
+
+def trial_job(base: JobSpec, values: dict[str, Any], run_name: str, storage: str) -> JobSpec:
+    """`base` with one trial's values, as a plain training job named `run_name`."""
+    job = apply_overrides(base, values, source=f"sweep trial {run_name}")
+    return job.model_copy(update={"name": run_name, "storage": storage, "sweep": None})
+
+
+def shards_key(job: JobSpec) -> str:
+    """Jobs with equal keys train on the same token windows, split the same way."""
+    return json.dumps(
+        [job.data.model_dump(mode="json"), job.model.sequence_length, job.train.data_parallel_size]
+    )
+
+
+def run_trial(
+    config: dict[str, Any], *, base: dict, shards: dict[str, CorpusShards], runs_folder: str
+) -> None:
+    """Tune function trainable: train one trial, reporting each metric row (and checkpoint)."""
+    from ray import tune
+
+    from shipyard.train.trainer import run_training
+
+    base_job = JobSpec.model_validate(base)
+    metric = base_job.sweep.metric
+    trial_id = tune.get_context().get_trial_id()
+    run_name = f"{trial_id}-{uuid.uuid4().hex[:6]}"
+    job = trial_job(base_job, config, run_name, runs_folder)
+    start = tune.get_checkpoint()  # this trial's own after a resume; a better one's after PBT
+    origin = trial_of(start.path) if start else ""
+    if start and read_checkpoint(start.path).step >= job.train.max_steps:
+        # Nothing left to train (PBT paused a finished trial to keep its checkpoint).
+        metrics = read_checkpoint(start.path).metrics
+        tune.report(
+            {
+                **metrics,
+                "already_complete": True,
+                "trial_run": run_name,
+                "started_from_trial": origin,
+            }
+        )
+        return
+
+    def forward(row: dict[str, Any]) -> None:
+        checkpoint = row.pop("checkpoint", None)
+        if metric not in row:  # Tune wants its metric in every result
+            return
+        tune.report(
+            {**row, "trial_run": run_name, "started_from_trial": origin},
+            checkpoint=tune.Checkpoint.from_directory(checkpoint) if checkpoint else None,
+        )
+
+    try:
+        run_training(
+            job,
+            shards=shards[shards_key(job)],
+            start_checkpoint=start.path if start else None,  # storage is a local folder
+            on_metrics=forward,
+        )
+    finally:
+        # Tune keeps its own copy of every reported checkpoint; the run's folder is scratch.
+        shutil.rmtree(Path(runs_folder, run_name), ignore_errors=True)
+
+
+def trial_of(checkpoint_folder: str) -> str:
+    """The id of the trial whose run wrote this checkpoint (run names start with it)."""
+    return read_checkpoint(checkpoint_folder).job["name"].rsplit("-", 1)[0]

@@ -1,0 +1,263 @@
+"""Driver side of a sweep: decide the concurrency, build the corpora, run Ray Tune, resume.
+
+The sweep lives in `<storage>/<job>-sweep/`: Tune's experiment state and trials, the job the
+sweep was started with, and (after `report.write_results`) the results, plot and best job.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from shipyard.data.corpus import build_corpus
+from shipyard.data.shards import CorpusShards, shard_corpus
+from shipyard.errors import ResourceError, SpecError
+from shipyard.spec.job import JobSpec
+from shipyard.sweep.search_space import Dimension, apply_overrides, shapes_corpus
+from shipyard.sweep.trial import TRIAL_CPUS, run_trial, shards_key
+
+SWEEP_JOB_FILE = "sweep-job.json"  # the job the sweep started with; a resume must match it
+TRIAL_RUNS = "trial-runs"  # scratch folder of the trials' Train runs
+
+
+@dataclass(frozen=True)
+class SweepSetup:
+    """What was decided before Tune starts."""
+
+    folder: Path
+    concurrent_trials: int
+    resumed: bool
+
+
+def sweep_folder(job: JobSpec) -> Path:
+    """Where the sweep of `job` keeps its state and results."""
+    return Path(job.storage) / f"{job.name}-sweep"
+
+
+def run_sweep(
+    job: JobSpec,
+    dimensions: tuple[Dimension, ...],
+    *,
+    callbacks: list[tune.Callback],
+    must_resume: bool = False,
+    on_setup=None,
+) -> tuple[SweepSetup, tune.ResultGrid]:
+    """Run (or resume) the sweep of `job` on the connected Ray cluster until it ends."""
+    folder = sweep_folder(job)
+    resuming = tune.Tuner.can_restore(str(folder))
+    if resuming:
+        check_same_sweep(folder, job)
+    elif must_resume:
+        raise SpecError(
+            f"sweep: there is no interrupted sweep of job {job.name!r} in {folder} to resume. "
+            "To fix: run without --resume to start it."
+        )
+    setup = SweepSetup(
+        folder, concurrent_trials(job, dimensions, ray.cluster_resources()), resuming
+    )
+    if on_setup:
+        on_setup(setup)
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_trial,
+            base=job.model_dump(mode="json"),
+            shards=build_shards(job, dimensions),
+            runs_folder=str(folder / TRIAL_RUNS),
+        ),
+        {"CPU": TRIAL_CPUS},
+    )
+    if resuming:
+        tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True)
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / SWEEP_JOB_FILE).write_text(json.dumps(job.model_dump(mode="json"), indent=2))
+        tuner = build_tuner(job, dimensions, trainable, setup, callbacks)
+    return setup, tuner.fit()
+
+
+def unfinished_trials(folder: Path) -> list[str]:
+    """Trials the saved sweep state has not finished (an interrupted sweep has some)."""
+    analysis = tune.ExperimentAnalysis(str(folder))
+    return [trial.trial_id for trial in analysis.trials if trial.status not in _FINISHED]
+
+
+_FINISHED = ("TERMINATED", "ERROR")
+
+
+def build_tuner(job, dimensions, trainable, setup: SweepSetup, callbacks) -> tune.Tuner:
+    """The Tuner for a new sweep: search space, search algorithm, scheduler, storage."""
+    sweep = job.sweep
+    return tune.Tuner(
+        trainable,
+        param_space={dimension.path: dimension.to_tune() for dimension in dimensions},
+        tune_config=tune.TuneConfig(
+            metric=sweep.metric,
+            mode=sweep.mode,
+            num_samples=sweep.num_samples,
+            search_alg=search_algorithm(job, setup.concurrent_trials),
+            scheduler=scheduler(job, dimensions),
+            reuse_actors=False,
+        ),
+        run_config=tune.RunConfig(
+            name=setup.folder.name,
+            storage_path=str(setup.folder.parent),
+            checkpoint_config=tune.CheckpointConfig(
+                # PBT may hand any trial's latest checkpoint to another later: keep them all.
+                num_to_keep=None if sweep.scheduler == "pbt" else job.train.keep_checkpoints,
+                checkpoint_score_attribute=sweep.metric,
+                checkpoint_score_order=sweep.mode,
+            ),
+            # A trial's Train run restarts failed workers itself (job.failure).
+            failure_config=tune.FailureConfig(max_failures=0),
+            callbacks=callbacks,
+            verbose=0,
+        ),
+    )
+
+
+def search_algorithm(job: JobSpec, concurrent_trials: int):
+    """Random sampling (grid entries expanded), or Optuna's TPE; seeded, concurrency-capped."""
+    sweep = job.sweep
+    if sweep.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=sweep.seed), concurrent_trials)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=concurrent_trials)
+
+
+def scheduler(job: JobSpec, dimensions: tuple[Dimension, ...]):
+    """FIFO, ASHA or PBT, all counting time in optimizer steps."""
+    sweep = job.sweep
+    if sweep.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        settings = sweep.asha_settings
+        return ASHAScheduler(
+            time_attr="step",
+            max_t=job.train.max_steps,
+            grace_period=settings.grace_period,
+            reduction_factor=settings.reduction_factor,
+        )
+    if sweep.scheduler == "pbt":
+        from ray.tune.schedulers import PopulationBasedTraining
+
+        settings = sweep.pbt_settings
+        return PopulationBasedTraining(
+            time_attr="step",
+            perturbation_interval=settings.perturbation_interval,
+            quantile_fraction=settings.quantile_fraction,
+            resample_probability=settings.resample_probability,
+            hyperparam_mutations={d.path: d.to_mutation() for d in dimensions},
+        )
+    from ray.tune.schedulers import FIFOScheduler
+
+    return FIFOScheduler()
+
+
+def concurrent_trials(job: JobSpec, dimensions: tuple[Dimension, ...], cluster: dict) -> int:
+    """How many trials run at once: what the cluster fits, capped by max_concurrent_trials.
+
+    Tune only reserves each trial's small driver; its Train workers ask Ray for their CPUs
+    later, so trials beyond what fits would wait on each other's workers and time out.
+    """
+    sweep = job.sweep
+    per_trial = max(_trial_cpus(job, values) for values in _corners(job, dimensions))
+    fits = math.floor(cluster.get("CPU", 0.0) / per_trial + 1e-9)
+    if fits < 1:
+        raise ResourceError(
+            f"sweep: one trial needs {per_trial:g} CPUs (train.num_workers × "
+            f"train.cpus_per_worker, plus {TRIAL_CPUS} for the trial), but the Ray cluster has "
+            f"{cluster.get('CPU', 0.0):g}. To fix: lower train.cpus_per_worker or "
+            "train.num_workers, or use a bigger cluster."
+        )
+    wanted = sweep.max_concurrent_trials or fits
+    if sweep.scheduler == "pbt" and sweep.num_samples > fits:
+        raise ResourceError(
+            f"sweep.num_samples: pbt compares a population that trains together, but only "
+            f"{fits} trials of {per_trial:g} CPUs fit at once on this Ray cluster. To fix: "
+            f"use num_samples <= {fits}, fewer CPUs per trial, or a bigger cluster."
+        )
+    return max(1, min(wanted, fits))
+
+
+def _trial_cpus(job: JobSpec, values: dict[str, Any]) -> float:
+    trial = apply_overrides(job, values, source="sweep") if values else job
+    return trial.train.num_workers * trial.train.cpus_per_worker + TRIAL_CPUS
+
+
+def _corners(job: JobSpec, dimensions: tuple[Dimension, ...]) -> list[dict[str, Any]]:
+    """Trial values at every combination of the resource fields' extremes."""
+    resource_fields = ("train.num_workers", "train.cpus_per_worker")
+    chosen = [d for d in dimensions if d.path in resource_fields]
+    return [
+        dict(zip([d.path for d in chosen], values, strict=True))
+        for values in itertools.product(*(d.extremes() for d in chosen))
+    ]
+
+
+def build_shards(job: JobSpec, dimensions: tuple[Dimension, ...]) -> dict[str, CorpusShards]:
+    """Every corpus split a trial can ask for, made here once while the CPUs are free.
+
+    Trials then need no Ray Data tasks, which could not run while other trials' workers hold
+    the cluster's CPUs.
+    """
+    chosen = [d for d in dimensions if shapes_corpus(d.path) or d.path in _DATA_PARALLEL_FIELDS]
+    corpora, shards = {}, {}
+    for values in itertools.product(*(_all_values(d) for d in chosen)):
+        trial = apply_overrides(
+            job, dict(zip([d.path for d in chosen], values, strict=True)), "sweep"
+        )
+        key = shards_key(trial)
+        if key in shards:
+            continue
+        corpus_key = (trial.data, trial.model.sequence_length)
+        if corpus_key not in corpora:
+            corpora[corpus_key] = build_corpus(trial.data, trial.model.sequence_length)
+        shards[key] = shard_corpus(corpora[corpus_key], trial.train.data_parallel_size)
+    return shards
+
+
+_DATA_PARALLEL_FIELDS = ("train.num_workers", "train.pipeline_stages")
+
+
+def _all_values(dimension: Dimension) -> list[Any]:
+    if dimension.distribution == "randint":
+        low, high = dimension.values
+        return list(range(low, high + 1))
+    return list(dimension.values)
+
+
+def check_same_sweep(folder: Path, job: JobSpec) -> None:
+    """Refuse to resume a sweep whose job has changed since it started."""
+    saved_file = folder / SWEEP_JOB_FILE
+    if not saved_file.is_file():
+        return
+    saved, new = json.loads(saved_file.read_text()), job.model_dump(mode="json")
+    changed = _first_difference(saved, new)
+    if changed:
+        path, before, after = changed
+        raise SpecError(
+            f"{path}: {after!r} differs from {before!r} in the sweep saved at {folder}, which "
+            f"job {job.name!r} would resume. To fix: give the job a new name for a new sweep, "
+            "or change the field back; the saved sweep is left untouched."
+        )
+
+
+def _first_difference(before: Any, after: Any, path: str = "") -> tuple[str, Any, Any] | None:
+    if isinstance(before, dict) and isinstance(after, dict):
+        for key in sorted(set(before) | set(after)):
+            found = _first_difference(before.get(key), after.get(key), f"{path}.{key}".lstrip("."))
+            if found:
+                return found
+        return None
+    return None if before == after else (path, before, after)

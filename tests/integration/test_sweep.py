@@ -1,0 +1,188 @@
+"""Sweeps on real Ray Tune: every trial a 2-worker DeepSpeed run on the session's Ray."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import yaml
+from ray.util.state import list_actors, list_placement_groups
+
+from shipyard.serve.export import export_checkpoint, load_exported_model
+from shipyard.spec.job import JobSpec
+from shipyard.spec.load import load_job, validate
+from shipyard.sweep.report import TrialTable
+from shipyard.sweep.search_space import check_sweep
+from shipyard.sweep.tuner import run_sweep
+from shipyard.train.checkpoint import read_checkpoint
+from shipyard.train.schedule import lr_factor
+from tests.integration.conftest import TINY_JOB, validation_loss, wait_for
+
+pytestmark = pytest.mark.integration
+
+# The actors a sweep starts; none may outlive it.
+SWEEP_ACTORS = {
+    "ImplicitFunc",
+    "TrainController",
+    "RayTrainWorker",
+    "PlacementGroupCleaner",
+    "_QueueActor",
+    "DatasetManager",
+}
+
+
+def sweep_job(name: str, storage, sweep: dict, **train) -> JobSpec:
+    """TINY_JOB checkpointed and evaluated every 8 steps, with 0.45 CPU per worker so two
+    2-worker trials (and their own small actors) fit on 2 cores at once."""
+    train = {
+        **TINY_JOB["train"],
+        "eval_every": 8,
+        "checkpoint_every": 8,
+        "cpus_per_worker": 0.45,
+        **train,
+    }
+    document = {**TINY_JOB, "name": name, "storage": str(storage), "train": train, "sweep": sweep}
+    return validate(JobSpec, document, source=f"<test job {name}>")
+
+
+def test_interrupted_asha_sweep_resumes_and_reports_its_best(ray_session, tmp_path):
+    """`shipyard sweep` as a user runs it: Ctrl-C once a trial is done, run it again.
+
+    Three trials, lr 3e-3, 1e-5 and 3e-5, two at a time; ASHA cuts at step 8, where the third
+    trial to arrive (3e-5) is worse than two thirds of the others. The re-run must not start
+    the trials that had finished, and its best checkpoint must evaluate to the metric it
+    reports.
+    """
+    job = sweep_job(
+        "cli-asha",
+        tmp_path / "runs",
+        {
+            "space": {"train.lr": {"grid": [3e-3, 1e-5, 3e-5]}},
+            "num_samples": 1,
+            "scheduler": "asha",
+            "asha": {"grace_period": 8, "reduction_factor": 3},
+        },
+    )
+    job_path = tmp_path / "cli-asha.yaml"
+    job_path.write_text(yaml.safe_dump(job.model_dump(mode="json")))
+    command = [sys.executable, "-m", "shipyard", "sweep", str(job_path)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own embedded Ray
+
+    first_log = tmp_path / "first.log"
+    first = subprocess.Popen(
+        command,
+        stdout=first_log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: finished_trials(first_log.read_text()), 300, "a first finished trial")
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=120) == 130, first_log.read_text()
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    first_output = first_log.read_text()
+    assert "Interrupted with" in first_output
+    done_before = finished_trials(first_output)
+
+    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "resuming" in second.stdout
+    for trial in done_before:
+        assert f"trial {trial} started" not in second.stdout, f"{trial} was run again"
+
+    with (tmp_path / "runs" / "cli-asha-sweep" / "results.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 3
+    assert any(row["status"] == "stopped early" for row in rows)
+    assert [row["rank"] for row in rows] == ["1", "2", "3"]
+    best_row = rows[0]
+    assert float(best_row["best_val_loss"]) == min(float(row["best_val_loss"]) for row in rows)
+
+    best_metric = float(best_row["best_val_loss"])
+    assert f"val_loss {best_metric:.4f}" in second.stdout
+    checkpoint = re.search(r"checkpoint: (\S+)", second.stdout)[1]
+    best_job = load_job(tmp_path / "runs" / "cli-asha-sweep" / "best.yaml")
+    assert best_job.train.lr == float(best_row["train.lr"])
+    model = load_exported_model(export_checkpoint(read_checkpoint(checkpoint)))
+    assert validation_loss(model, best_job) == pytest.approx(best_metric, rel=1e-4)
+    plot = (tmp_path / "runs" / "cli-asha-sweep" / "metric_by_step.png").read_bytes()
+    assert plot.startswith(b"\x89PNG") and len(plot) > 10_000
+
+
+def finished_trials(output: str) -> set[str]:
+    """Trials the sweep's output says have finished or were stopped early."""
+    return set(re.findall(r"trial (\S+) (?:finished|stopped early)", output))
+
+
+def test_pbt_continues_a_weak_trial_from_a_strong_ones_checkpoint(ray_session, tmp_path):
+    """Two trials, lr 3e-3 and 1e-5: at a perturbation the weak one takes the strong one's
+    checkpoint and goes on with its own (perturbed) lr; nothing of the sweep is left running."""
+    job = sweep_job(
+        "pbt",
+        tmp_path,
+        {
+            "space": {"train.lr": {"grid": [3e-3, 1e-5]}},
+            "num_samples": 1,
+            "scheduler": "pbt",
+            "pbt": {"perturbation_interval": 8, "quantile_fraction": 0.5},
+        },
+        max_steps=32,  # room to train after an exploit, whichever trial runs ahead
+    )
+    address = ray_session.get_runtime_context().gcs_address
+    alive_before = {a.actor_id for a in list_actors(address=address) if a.state == "ALIVE"}
+    dimensions = check_sweep(job, "<test>")
+    _, grid = run_sweep(
+        job, dimensions, callbacks=[TrialTable("val_loss", ["train.lr"], job.train.max_steps)]
+    )
+    assert grid.num_errors == 0, [str(result.error) for result in grid]
+
+    histories = {result.metrics["trial_id"]: result.metrics_dataframe for result in grid}
+    continued = [
+        (trial, row)
+        for trial, history in histories.items()
+        for _, row in history.iterrows()
+        if row["started_from_trial"] and row["started_from_trial"] != trial
+    ]
+    assert continued, "no trial was seen continuing another trial's checkpoint"
+    trial, first = continued[0]
+    donor = histories[first["started_from_trial"]]
+    weak_before = histories[trial][histories[trial]["step"] < first["step"]]["val_loss"].min()
+    assert first["resumed_from_step"] >= 8, "it started from a checkpoint, not from scratch"
+    # The donor's weights came along: far better than the weak trial ever was on its own.
+    assert first["val_loss"] < weak_before - 0.2
+    assert first["val_loss"] < donor["val_loss"].max()
+    # ...and each run's own lr, not the one saved in the donor's checkpoint, drives the schedule
+    # (rows of a checkpoint that had nothing left to train repeat its saved metrics).
+    for history in histories.values():
+        for _, row in trained_rows(history).iterrows():
+            expected = row["config/train.lr"] * lr_factor(int(row["step"]), job.train)
+            assert math.isclose(row["lr"], expected, rel_tol=1e-6), (row["step"], row["lr"])
+
+    leftover_groups = [
+        group for group in list_placement_groups(address=address) if group.state != "REMOVED"
+    ]
+    assert not leftover_groups, leftover_groups
+    leftover_actors = [
+        actor.class_name
+        for actor in list_actors(address=address)
+        if actor.state == "ALIVE"
+        and actor.actor_id not in alive_before
+        and actor.class_name in SWEEP_ACTORS
+    ]
+    assert not leftover_actors, leftover_actors
+
+
+def trained_rows(history):
+    """The rows of runs that trained (not the saved metrics of an already finished checkpoint)."""
+    if "already_complete" not in history:
+        return history
+    return history[~history["already_complete"].fillna(False).astype(bool)]

@@ -1,0 +1,143 @@
+"""The sweep: section and the decisions made before Tune starts: no Ray needed."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import yaml
+
+from shipyard.cli import main
+from shipyard.errors import ResourceError, SpecError
+from shipyard.spec.job import JobSpec
+from shipyard.spec.load import load_job
+from shipyard.sweep.report import TrialTable
+from shipyard.sweep.search_space import check_sweep
+from shipyard.sweep.tuner import SWEEP_JOB_FILE, check_same_sweep, concurrent_trials
+
+LR_SPACE = {"train.lr": {"loguniform": [1.0e-4, 3.0e-3]}}
+
+
+def swept(sweep: dict, **train) -> dict:
+    train = {"eval_every": 10, "checkpoint_every": 20, "max_steps": 40, **train}
+    return {"name": "swept", "train": train, "sweep": {"space": LR_SPACE, **sweep}}
+
+
+@pytest.fixture
+def write(tmp_path):
+    def write(document: dict):
+        path = tmp_path / "swept.yaml"
+        path.write_text(yaml.safe_dump(document))
+        return path
+
+    return write
+
+
+def test_a_sweep_section_loads_with_defaults(write):
+    job = load_job(write(swept({})))
+    assert (job.sweep.metric, job.sweep.mode, job.sweep.scheduler) == ("val_loss", "min", "fifo")
+    assert [d.path for d in check_sweep(job, "x")] == ["train.lr"]
+    assert job.sweep.asha_settings.reduction_factor == 3.0
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        (swept({"schedular": "asha"}), "sweep.schedular: unknown field. Did you mean 'scheduler'?"),
+        (swept({"scheduler": "hyperband"}), "sweep.scheduler: 'hyperband' is not allowed"),
+        (swept({"metric": "accuracy"}), "sweep.metric: 'accuracy' is not allowed"),
+        (swept({"asha": {"grace_period": 5}}), "sweep.asha: settings for the asha scheduler"),
+        (swept({"scheduler": "pbt", "search": "optuna"}), "cannot drive the pbt scheduler"),
+        (swept({"num_samples": 0}), "sweep.num_samples: 0 is not valid"),
+        (swept({}, eval_every=15), "train.checkpoint_every: 20 is not a multiple of"),
+        (
+            swept({"scheduler": "pbt", "pbt": {"perturbation_interval": 30}}),
+            "sweep.pbt.perturbation_interval: 30 is not a multiple of",
+        ),
+        (
+            swept({"scheduler": "asha", "asha": {"grace_period": 50}}),
+            "sweep.asha.grace_period: 50 is longer than train.max_steps 40",
+        ),
+        (swept({"space": {"train.lrr": {"choice": [0.1]}}}), "Did you mean 'train.lr'?"),
+        (swept({"space": {"sweep.seed": {"choice": [1, 2]}}}), "name the sweep itself"),
+        (
+            swept({"search": "optuna", "space": {"train.zero_stage": {"grid": [1, 2]}}}),
+            "grid cannot be searched by optuna",
+        ),
+        (
+            swept({"scheduler": "asha", "space": {"train.max_steps": {"choice": [20, 40]}}}),
+            "the asha scheduler decides how long trials train",
+        ),
+        (
+            swept({"scheduler": "pbt", "space": {"model.layers": {"choice": [2, 4]}}}),
+            "pbt copies checkpoints between trials",
+        ),
+        (
+            swept({"space": {"model.sequence_length": {"randint": [16, 64]}}}),
+            "takes choice or grid, not randint",
+        ),
+    ],
+)
+def test_bad_sweep_sections_name_the_file_and_field(write, document, message):
+    path = write(document)
+    with pytest.raises(SpecError) as error:
+        load_job(path)
+    assert message in str(error.value)
+    assert str(error.value).startswith(str(path))
+
+
+def job_with(sweep: dict, **train) -> JobSpec:
+    return JobSpec.model_validate(swept(sweep, **train))
+
+
+def test_concurrency_is_what_the_cluster_fits_capped_by_the_spec():
+    job = job_with({}, num_workers=2, cpus_per_worker=0.45)
+    dimensions = check_sweep(job, "x")
+    assert concurrent_trials(job, dimensions, {"CPU": 2.0}) == 2
+    assert concurrent_trials(job, dimensions, {"CPU": 16.0}) == 17  # 16 / 0.91 CPUs each
+    capped = job_with({"max_concurrent_trials": 3}, num_workers=2, cpus_per_worker=0.45)
+    assert concurrent_trials(capped, dimensions, {"CPU": 16.0}) == 3
+
+
+def test_concurrency_uses_the_largest_trial_in_the_space():
+    job = job_with({"space": {"train.num_workers": {"choice": [1, 4]}}}, cpus_per_worker=1.0)
+    assert concurrent_trials(job, check_sweep(job, "x"), {"CPU": 9.0}) == 2  # 4.01 CPUs each
+
+
+def test_trials_that_cannot_fit_are_refused():
+    job = job_with({}, num_workers=4, cpus_per_worker=1.0)
+    with pytest.raises(ResourceError, match=r"one trial needs 4.01 CPUs .* has 2"):
+        concurrent_trials(job, check_sweep(job, "x"), {"CPU": 2.0})
+    population = job_with({"scheduler": "pbt", "num_samples": 3}, cpus_per_worker=0.45)
+    with pytest.raises(ResourceError, match="pbt compares a population"):
+        concurrent_trials(population, check_sweep(population, "x"), {"CPU": 2.0})
+
+
+def test_a_changed_job_does_not_resume_the_saved_sweep(tmp_path):
+    job = job_with({})
+    (tmp_path / SWEEP_JOB_FILE).write_text(job.model_dump_json())
+    check_same_sweep(tmp_path, job)  # the same job resumes
+    changed = job_with({}, weight_decay=0.5)
+    with pytest.raises(SpecError, match=r"train.weight_decay: 0.5 differs from 0.0"):
+        check_same_sweep(tmp_path, changed)
+    assert JobSpec.model_validate_json((tmp_path / SWEEP_JOB_FILE).read_text()) == job
+
+
+def test_the_live_table_survives_tunes_experiment_snapshot():
+    table = TrialTable("val_loss", ["train.lr"], 40)
+    table._get_console()
+    copy = pickle.loads(pickle.dumps(table))
+    assert (copy.metric, copy.paths, copy._console) == ("val_loss", ["train.lr"], None)
+
+
+def test_cli_sweep_refuses_a_job_without_a_sweep_before_starting_ray(write, capsys, monkeypatch):
+    import shipyard.runtime.local
+
+    def must_not_start(*args, **kwargs):
+        raise AssertionError("Ray was started for a job it cannot sweep")
+
+    monkeypatch.setattr(shipyard.runtime.local, "ray_runtime", must_not_start)
+    assert main(["sweep", str(write({"name": "plain"}))]) == 2
+    assert "the job has no sweep section" in capsys.readouterr().err
+    assert main(["sweep", str(write(swept({"scheduler": "pbt", "search": "optuna"})))]) == 2
+    assert "cannot drive the pbt scheduler" in capsys.readouterr().err
