@@ -109,7 +109,7 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
     from shipyard.spec.load import load_job
     from shipyard.sweep.report import TrialTable, results_table, write_results
     from shipyard.sweep.search_space import check_sweep
-    from shipyard.sweep.tuner import run_sweep, unfinished_trials
+    from shipyard.sweep.tuner import check_resumable_sweep, run_sweep, unfinished_trials
 
     job = load_job(args.job)  # decide first: a bad spec or sweep fails before Ray starts
     if job.sweep is None:
@@ -118,6 +118,7 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
             "sweep:\n  space:\n    train.lr: {loguniform: [1.0e-4, 3.0e-3]}"
         )
     dimensions = check_sweep(job, args.job)
+    check_resumable_sweep(job, must_resume=args.resume)
     paths = [dimension.path for dimension in dimensions]
 
     def announce(setup) -> None:

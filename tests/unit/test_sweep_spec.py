@@ -30,6 +30,7 @@ def write(tmp_path):
         path.write_text(yaml.safe_dump(document))
         return path
 
+    write.folder = tmp_path
     return write
 
 
@@ -141,3 +142,32 @@ def test_cli_sweep_refuses_a_job_without_a_sweep_before_starting_ray(write, caps
     assert "the job has no sweep section" in capsys.readouterr().err
     assert main(["sweep", str(write(swept({"scheduler": "pbt", "search": "optuna"})))]) == 2
     assert "cannot drive the pbt scheduler" in capsys.readouterr().err
+    nothing_saved = write({**swept({}), "storage": str(write.folder / "runs")})
+    assert main(["sweep", str(nothing_saved), "--resume"]) == 2
+    assert "there is no interrupted sweep of job 'swept'" in capsys.readouterr().err
+
+
+def test_optuna_samples_the_space_it_is_given():
+    """The Optuna (TPE) searcher takes Shipyard's domains and suggests valid trial values."""
+    from shipyard.sweep.tuner import search_algorithm
+
+    job = job_with(
+        {
+            "search": "optuna",
+            "space": {
+                "train.lr": {"loguniform": [1.0e-4, 3.0e-3]},
+                "train.micro_batch_size": {"randint": [2, 8]},
+                "model.layers": {"choice": [2, 4]},
+            },
+        }
+    )
+    dimensions = check_sweep(job, "x")
+    searcher = search_algorithm(job, concurrent_trials=2)
+    space = {dimension.path: dimension.to_tune() for dimension in dimensions}
+    assert searcher.set_search_properties("val_loss", "min", space)
+    suggestions = [searcher.suggest(f"trial{i}") for i in range(2)]
+    for values in suggestions:
+        assert 1.0e-4 <= values["train.lr"] <= 3.0e-3
+        assert 2 <= values["train.micro_batch_size"] <= 8
+        assert values["model.layers"] in (2, 4)
+    assert searcher.suggest("trial3") is None, "the third waits: two trials at a time"

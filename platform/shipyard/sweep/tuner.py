@@ -51,14 +51,7 @@ def run_sweep(
 ) -> tuple[SweepSetup, tune.ResultGrid]:
     """Run (or resume) the sweep of `job` on the connected Ray cluster until it ends."""
     folder = sweep_folder(job)
-    resuming = tune.Tuner.can_restore(str(folder))
-    if resuming:
-        check_same_sweep(folder, job)
-    elif must_resume:
-        raise SpecError(
-            f"sweep: there is no interrupted sweep of job {job.name!r} in {folder} to resume. "
-            "To fix: run without --resume to start it."
-        )
+    resuming = check_resumable_sweep(job, must_resume)
     setup = SweepSetup(
         folder, concurrent_trials(job, dimensions, ray.cluster_resources()), resuming
     )
@@ -80,6 +73,20 @@ def run_sweep(
         (folder / SWEEP_JOB_FILE).write_text(json.dumps(job.model_dump(mode="json"), indent=2))
         tuner = build_tuner(job, dimensions, trainable, setup, callbacks)
     return setup, tuner.fit()
+
+
+def check_resumable_sweep(job: JobSpec, must_resume: bool = False) -> bool:
+    """Whether a saved sweep of `job` will be resumed; errors if it cannot or must but can't."""
+    folder = sweep_folder(job)
+    if tune.Tuner.can_restore(str(folder)):
+        check_same_sweep(folder, job)
+        return True
+    if must_resume:
+        raise SpecError(
+            f"sweep: there is no interrupted sweep of job {job.name!r} in {folder} to resume. "
+            "To fix: run without --resume to start it."
+        )
+    return False
 
 
 def unfinished_trials(folder: Path) -> list[str]:
