@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from shipyard.errors import TrainingError
 from shipyard.spec.job import JobSpec
 from shipyard.train.checkpoint import read_checkpoint
 
@@ -154,7 +155,13 @@ def best_checkpoint(grid: tune.ResultGrid, metric: str, mode: str) -> tuple[Path
         if metric in metrics and math.isfinite(metrics[metric])
     ]
     if not candidates:
-        raise RuntimeError("no trial of the sweep reported a checkpoint with its metric")
+        failed = [str(result.path) for result in grid if result.error is not None]
+        raise TrainingError(
+            f"no trial of the sweep reported a checkpoint with {metric}; "
+            f"{len(failed)} of {len(grid)} trials failed (their errors are in "
+            f"{', '.join(failed) or 'no folder'}). To fix: run one trial's job with "
+            "`shipyard train` to see why it fails."
+        )
     score, path = min(candidates)
     return path, sign * score
 
