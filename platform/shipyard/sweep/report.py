@@ -18,6 +18,7 @@ from rich.table import Table
 
 from shipyard.errors import TrainingError
 from shipyard.spec.job import JobSpec
+from shipyard.sweep.trial import trial_of
 from shipyard.train.checkpoint import read_checkpoint
 
 RESULTS_FILE = "results.csv"
@@ -168,9 +169,9 @@ def best_checkpoint(grid: tune.ResultGrid, metric: str, mode: str) -> tuple[Path
 
 def write_best_job(checkpoint: Path, job: JobSpec, destination: Path) -> str:
     """The job that produced `checkpoint`, renamed `<job>-best`, as YAML; returns its trial."""
-    saved = read_checkpoint(checkpoint).job
-    trial = saved["name"].rsplit("-", 1)[0]
-    best = {**saved, "name": f"{job.name}-best", "storage": job.storage}
+    saved = read_checkpoint(checkpoint)
+    trial = trial_of(saved)
+    best = {**saved.job, "name": f"{job.name}-best", "storage": job.storage}
     best.pop("sweep", None)
     JobSpec.model_validate(best)  # what we write must load
     header = (

@@ -16,7 +16,7 @@ from typing import Any
 from shipyard.data.shards import CorpusShards
 from shipyard.spec.job import JobSpec
 from shipyard.sweep.search_space import apply_overrides
-from shipyard.train.checkpoint import read_checkpoint
+from shipyard.train.checkpoint import SavedCheckpoint, read_checkpoint
 
 TRIAL_CPUS = 0.01  # the trial's own actor only forwards reports; its Train workers hold the CPUs
 
@@ -48,13 +48,13 @@ def run_trial(
     run_name = f"{trial_id}-{uuid.uuid4().hex[:6]}"
     job = trial_job(base_job, config, run_name, runs_folder)
     start = tune.get_checkpoint()  # this trial's own after a resume; a better one's after PBT
-    origin = trial_of(start.path) if start else ""
-    if start and read_checkpoint(start.path).step >= job.train.max_steps:
+    saved = read_checkpoint(start.path) if start else None
+    origin = trial_of(saved) if saved else ""
+    if saved and saved.step >= job.train.max_steps:
         # Nothing left to train (PBT paused a finished trial to keep its checkpoint).
-        metrics = read_checkpoint(start.path).metrics
         tune.report(
             {
-                **metrics,
+                **saved.metrics,
                 "already_complete": True,
                 "trial_run": run_name,
                 "started_from_trial": origin,
@@ -83,6 +83,6 @@ def run_trial(
         shutil.rmtree(Path(runs_folder, run_name), ignore_errors=True)
 
 
-def trial_of(checkpoint_folder: str) -> str:
-    """The id of the trial whose run wrote this checkpoint (run names start with it)."""
-    return read_checkpoint(checkpoint_folder).job["name"].rsplit("-", 1)[0]
+def trial_of(checkpoint: SavedCheckpoint) -> str:
+    """The id of the trial whose run wrote `checkpoint` (run names start with it)."""
+    return checkpoint.job["name"].rsplit("-", 1)[0]
