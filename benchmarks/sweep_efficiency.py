@@ -19,6 +19,7 @@ import time
 from shipyard.runtime.local import start_local_ray
 from shipyard.spec.job import JobSpec
 from shipyard.spec.load import validate
+from shipyard.sweep.history import by_trial, read_history
 from shipyard.sweep.search_space import check_sweep
 from shipyard.sweep.tuner import run_sweep
 
@@ -38,11 +39,11 @@ def main() -> None:
     for scheduler in ("fifo", "asha"):
         job = benchmark_job(scheduler, storage, args)
         started = time.perf_counter()
-        _, grid = run_sweep(job, check_sweep(job, "benchmark"), callbacks=[])
+        setup, _ = run_sweep(job, check_sweep(job, "benchmark"), callbacks=[])
         wall[scheduler] = time.perf_counter() - started
-        histories[scheduler] = [result.metrics_dataframe for result in grid if not result.error]
+        histories[scheduler] = read_history(setup.folder)
 
-    best = min(history["val_loss"].min() for runs in histories.values() for history in runs)
+    best = min(row["val_loss"] for rows in histories.values() for row in rows)
     target = best * WITHIN
     print(
         f"{args.trials} trials of up to {args.max_steps} steps, lr ~ loguniform(1e-5, 1e-2), "
@@ -51,8 +52,9 @@ def main() -> None:
     found = {}
     for scheduler, name in (("fifo", "random search"), ("asha", "ASHA")):
         found[scheduler] = steps_to_find(histories[scheduler], target)
-        total = sum(int(history["step"].max()) for history in histories[scheduler])
-        own_best = min(history["val_loss"].min() for history in histories[scheduler])
+        trials = by_trial(histories[scheduler]).values()
+        total = sum(max(row["step"] for row in rows) for rows in trials)
+        own_best = min(row["val_loss"] for row in histories[scheduler])
         print(
             f"{name:14s}: {found[scheduler]} steps to find it, {total} steps in all, "
             f"best {own_best:.4f}, wall {wall[scheduler]:.0f} s"
@@ -99,18 +101,13 @@ def benchmark_job(scheduler: str, storage: str, args) -> JobSpec:
     return validate(JobSpec, document, source="benchmark")
 
 
-def steps_to_find(histories, target: float) -> int | None:
+def steps_to_find(rows, target: float) -> int | None:
     """Steps trained by all trials, in report order, until one reports a loss <= target."""
-    rows = sorted(
-        (row["timestamp"], row["step"], index, row["val_loss"])
-        for index, history in enumerate(histories)
-        for _, row in history.iterrows()
-    )
-    trained = [0] * len(histories)
-    for _, step, index, loss in rows:
-        trained[index] = int(step)
-        if loss <= target:
-            return sum(trained)
+    trained: dict[str, int] = {}
+    for row in rows:
+        trained[row["trial_id"]] = row["step"]
+        if row["val_loss"] <= target:
+            return sum(trained.values())
     return None
 
 

@@ -17,9 +17,10 @@ from ray.util.state import list_actors, list_placement_groups
 from shipyard.serve.export import export_checkpoint, load_exported_model
 from shipyard.spec.job import JobSpec
 from shipyard.spec.load import load_job, validate
+from shipyard.sweep.history import read_history
 from shipyard.sweep.report import TrialTable
 from shipyard.sweep.search_space import check_sweep
-from shipyard.sweep.tuner import run_sweep
+from shipyard.sweep.tuner import run_sweep, sweep_folder
 from shipyard.train.checkpoint import read_checkpoint
 from shipyard.train.schedule import lr_factor
 from tests.integration.conftest import TINY_JOB, validation_loss, wait_for
@@ -149,27 +150,24 @@ def test_pbt_continues_a_weak_trial_from_a_strong_ones_checkpoint(ray_session, t
     )
     assert grid.num_errors == 0, [str(result.error) for result in grid]
 
-    histories = {result.metrics["trial_id"]: result.metrics_dataframe for result in grid}
-    continued = sorted(
-        (
-            (row["timestamp"], trial, row)
-            for trial, history in histories.items()
-            for _, row in history.iterrows()
-            if row["started_from_trial"] and row["started_from_trial"] != trial
-        ),
-        key=lambda found: found[0],
-    )
+    rows = read_history(sweep_folder(job))  # in the order the driver received them
+    continued = [
+        (index, row)
+        for index, row in enumerate(rows)
+        if row["started_from_trial"] and row["started_from_trial"] != row["trial_id"]
+    ]
     assert continued, "no trial was seen continuing another trial's checkpoint"
-    _, trial, first = continued[0]  # the first exploit: the weak trial takes the strong one's
-    own_before = histories[trial][histories[trial]["timestamp"] < first["timestamp"]]
+    index, first = continued[0]  # the first exploit: the weak trial takes the strong one's
+    own_before = [row["val_loss"] for row in rows[:index] if row["trial_id"] == first["trial_id"]]
     assert first["resumed_from_step"] >= 8, "it started from a checkpoint, not from scratch"
+    assert own_before, "the weak trial reported on its own before the exploit"
     # The donor's weights came along: far better than the weak trial ever was on its own.
-    assert first["val_loss"] < own_before["val_loss"].min() - 0.2
+    assert first["val_loss"] < min(own_before) - 0.2
     # ...and each run's own lr, not the one saved in the donor's checkpoint, drives the schedule
     # (rows of a checkpoint that had nothing left to train repeat its saved metrics).
-    for history in histories.values():
-        for _, row in trained_rows(history).iterrows():
-            expected = row["config/train.lr"] * lr_factor(int(row["step"]), job.train)
+    for row in rows:
+        if not row.get("already_complete"):
+            expected = row["config"]["train.lr"] * lr_factor(row["step"], job.train)
             assert math.isclose(row["lr"], expected, rel_tol=1e-6), (row["step"], row["lr"])
 
     leftover_groups = [
@@ -184,10 +182,3 @@ def test_pbt_continues_a_weak_trial_from_a_strong_ones_checkpoint(ray_session, t
         and actor.class_name in SWEEP_ACTORS
     ]
     assert not leftover_actors, leftover_actors
-
-
-def trained_rows(history):
-    """The rows of runs that trained (not the saved metrics of an already finished checkpoint)."""
-    if "already_complete" not in history:
-        return history
-    return history[~history["already_complete"].fillna(False).astype(bool)]

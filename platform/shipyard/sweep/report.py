@@ -18,6 +18,7 @@ from rich.table import Table
 
 from shipyard.errors import TrainingError
 from shipyard.spec.job import JobSpec
+from shipyard.sweep.history import by_trial, read_history
 from shipyard.sweep.trial import trial_of
 from shipyard.train.checkpoint import read_checkpoint
 
@@ -133,12 +134,15 @@ def write_results(
 ) -> SweepReport:
     """Rank the trials, write results.csv, the plot and best.yaml into `folder`."""
     metric, mode = job.sweep.metric, job.sweep.mode
-    rows = _ranked([_trial_row(result, metric, mode, paths, job) for result in grid], mode)
+    histories = by_trial(read_history(folder))
+    rows = _ranked(
+        [_trial_row(result, histories, metric, mode, paths, job) for result in grid], mode
+    )
     checkpoint, best_metric = best_checkpoint(grid, metric, mode)
     results_file = folder / RESULTS_FILE
     _write_csv(results_file, rows, paths, metric)
     plot_file = folder / PLOT_FILE
-    plot_metric_by_step(grid, metric, plot_file)
+    plot_metric_by_step(histories, metric, plot_file)
     best_job_file = folder / BEST_JOB_FILE
     best_trial = write_best_job(checkpoint, job, best_job_file)
     return SweepReport(
@@ -182,8 +186,10 @@ def write_best_job(checkpoint: Path, job: JobSpec, destination: Path) -> str:
     return trial
 
 
-def plot_metric_by_step(grid: tune.ResultGrid, metric: str, destination: Path) -> None:
-    """One line per trial: the metric against the optimizer step."""
+def plot_metric_by_step(
+    histories: dict[str, list[dict[str, Any]]], metric: str, destination: Path
+) -> None:
+    """One line per trial: the metric against the optimizer step, in the order reported."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display here, and no global pyplot state
@@ -191,12 +197,11 @@ def plot_metric_by_step(grid: tune.ResultGrid, metric: str, destination: Path) -
 
     figure = Figure(figsize=(8, 5), dpi=100)
     axes = figure.subplots()
-    for result in grid:
-        history = result.metrics_dataframe
-        if history is None or metric not in history or "step" not in history:
-            continue
-        trial_id = result.metrics.get("trial_id", "?")
-        axes.plot(history["step"], history[metric], marker=".", label=trial_id)
+    for trial_id, history in histories.items():
+        points = [row for row in history if metric in row and "step" in row]
+        if points:
+            steps, values = [row["step"] for row in points], [row[metric] for row in points]
+            axes.plot(steps, values, marker=".", label=trial_id)
     axes.set_xlabel("optimizer step")
     axes.set_ylabel(metric)
     axes.set_title(f"{metric} by step, every trial")
@@ -221,9 +226,10 @@ def results_table(report: SweepReport, paths: list[str], metric: str) -> Table:
     return table
 
 
-def _trial_row(result, metric: str, mode: str, paths: list[str], job: JobSpec) -> TrialRow:
-    history = result.metrics_dataframe
-    values = history[metric].dropna().tolist() if history is not None and metric in history else []
+def _trial_row(result, histories, metric: str, mode: str, paths: list[str], job) -> TrialRow:
+    trial_id = result.metrics.get("trial_id", Path(result.path).name)
+    history = histories.get(trial_id, [])
+    values = [row[metric] for row in history if math.isfinite(row.get(metric, math.nan))]
     best = (min if mode == "min" else max)(values) if values else math.nan
     step = int(result.metrics.get("step", 0))
     if result.error is not None:
@@ -233,7 +239,7 @@ def _trial_row(result, metric: str, mode: str, paths: list[str], job: JobSpec) -
     else:
         status = "stopped early"
     return TrialRow(
-        trial_id=result.metrics.get("trial_id", Path(result.path).name),
+        trial_id=trial_id,
         status=status,
         values={path: result.config.get(path) for path in paths},
         step=step,

@@ -20,6 +20,7 @@ from shipyard.data.corpus import build_corpus
 from shipyard.data.shards import CorpusShards, shard_corpus
 from shipyard.errors import ResourceError, SpecError
 from shipyard.spec.job import JobSpec
+from shipyard.sweep.history import TrialHistory
 from shipyard.sweep.search_space import Dimension, apply_overrides, shapes_corpus
 from shipyard.sweep.trial import TRIAL_CPUS, run_trial, shards_key
 
@@ -71,7 +72,8 @@ def run_sweep(
     else:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / SWEEP_JOB_FILE).write_text(json.dumps(job.model_dump(mode="json"), indent=2))
-        tuner = build_tuner(job, dimensions, trainable, setup, callbacks)
+        history = TrialHistory(folder, [dimension.path for dimension in dimensions])
+        tuner = build_tuner(job, dimensions, trainable, setup, [*callbacks, history])
     return setup, tuner.fit()
 
 
