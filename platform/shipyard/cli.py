@@ -85,21 +85,45 @@ def _parser() -> argparse.ArgumentParser:
 
     plan = commands.add_parser("plan", help="validate a job spec and print its parallel plan")
     plan.add_argument("job", help="path of the job spec YAML")
+    plan.add_argument(
+        "--cluster", help="Ray cluster-launcher YAML to plan for (default: this machine)"
+    )
+    plan.add_argument(
+        "--explain", action="store_true", help="also show the best candidates and why others lost"
+    )
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(command=_plan)
     return parser
 
 
 def _plan(args: argparse.Namespace, console: Console) -> int:
-    from shipyard.plan.plan import make_plan
-    from shipyard.spec.load import load_job
+    from shipyard.plan.explain import explain_candidates
+    from shipyard.plan.plan import candidates, make_plan
+    from shipyard.spec.cluster import local_cluster
+    from shipyard.spec.load import load_cluster, load_job
 
     job = load_job(args.job)
-    plan = make_plan(job)
+    cluster = load_cluster(args.cluster) if args.cluster else local_cluster()
+    plan = make_plan(job, cluster)
+    ranked = candidates(job, cluster) if args.explain else []
     if args.json:
-        print(json.dumps(plan.to_dict(), indent=2))
-    else:
-        console.print(f"[bold]{job.name}[/]: {args.job}\n{plan.explain()}", highlight=False)
+        document = plan.to_dict()
+        if args.explain:
+            document["candidates"] = [
+                {
+                    "layout": c.summary,
+                    "rejected": c.rejected or None,
+                    "step_seconds": c.plan.estimate.step_seconds if c.plan else None,
+                }
+                for c in ranked
+            ]
+        print(json.dumps(document, indent=2))
+        return 0
+    console.print(
+        f"[bold]{job.name}[/]: {args.job} on {cluster.source}\n{plan.explain()}", highlight=False
+    )
+    if args.explain:
+        console.print(explain_candidates(ranked), highlight=False)
     return 0
 
 

@@ -1,5 +1,5 @@
-"""Planning: turn a job spec (and later a cluster) into a frozen ParallelPlan."""
+"""Planning: turn a job spec (and a cluster) into a frozen ParallelPlan."""
 
-from shipyard.plan.plan import ParallelPlan, make_plan
+from shipyard.plan.plan import Candidate, Estimate, ParallelPlan, RankPlan, candidates, make_plan
 
-__all__ = ["ParallelPlan", "make_plan"]
+__all__ = ["Candidate", "Estimate", "ParallelPlan", "RankPlan", "candidates", "make_plan"]

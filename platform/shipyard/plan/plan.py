@@ -1,10 +1,49 @@
-"""The parallel layout of a job as one frozen value, decided before anything starts."""
+"""The parallel layout of a job as one frozen value, decided before anything starts.
+
+`make_plan(job)` is the layout exactly as the job writes it. `make_plan(job, cluster)` places it
+on the cluster's devices: with `train.parallelism: manual` it keeps the job's workers, stages,
+ZeRO stage, accumulation and offload, and splits layers and samples by device speed; with
+`auto` it searches data parallel × pipeline × ZeRO × accumulation × offload over the fastest
+device types and keeps the fastest layout that fits.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from shipyard.errors import ResourceError
+from shipyard.plan.devices import DeviceGroup, device_groups, speed
+from shipyard.plan.memory import GIB, model_size
+from shipyard.plan.partition import split_evenly
+from shipyard.plan.search import Layout, Scored, Workload, score
+from shipyard.spec.cluster import ClusterSpec
 from shipyard.spec.job import JobSpec
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """Where one rank runs and what it holds."""
+
+    rank: int
+    stage: int
+    replica: int
+    node_type: str
+    device: str
+    layers: int
+    micro_batch_size: int
+    memory_gib: float
+    capacity_gib: float
+    host_memory_gib: float
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The time model's verdict on a placed plan."""
+
+    step_seconds: float
+    tokens_per_second: float
+    usd_per_million_tokens: float | None
+    seconds_by_cause: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -15,7 +54,7 @@ class ParallelPlan:
     pipeline_stages: int
     data_parallel_size: int
     zero_stage: int
-    micro_batch_size: int
+    micro_batch_size: int  # the largest replica's; every replica's is in replica_micro_batches
     gradient_accumulation: int
     offload_optimizer: bool
     offload_parameters: bool
@@ -24,11 +63,21 @@ class ParallelPlan:
     cpus_per_worker: float
     gpus_per_worker: float
     layers_per_stage: tuple[int, ...]
+    replica_micro_batches: tuple[int, ...] = ()  # per data-parallel replica (empty: all equal)
+    ranks: tuple[RankPlan, ...] = ()  # placed plans only
+    estimate: Estimate | None = None
+    cluster: str = ""
 
     @property
     def global_batch_size(self) -> int:
         """Sequences per optimizer step across all replicas."""
+        if self.replica_micro_batches:
+            return sum(self.replica_micro_batches) * self.gradient_accumulation
         return self.micro_batch_size * self.gradient_accumulation * self.data_parallel_size
+
+    @property
+    def uneven_batches(self) -> bool:
+        return len(set(self.replica_micro_batches)) > 1
 
     @property
     def backend(self) -> str:
@@ -38,6 +87,20 @@ class ParallelPlan:
     def to_dict(self) -> dict:
         """Plain data for JSON output and for shipping to workers."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ParallelPlan:
+        """The plan `to_dict` wrote (after a trip through JSON or Ray)."""
+        estimate = data.get("estimate")
+        return cls(
+            **{
+                **data,
+                "layers_per_stage": tuple(data["layers_per_stage"]),
+                "replica_micro_batches": tuple(data.get("replica_micro_batches", ())),
+                "ranks": tuple(RankPlan(**rank) for rank in data.get("ranks", ())),
+                "estimate": Estimate(**estimate) if estimate else None,
+            }
+        )
 
     def explain(self) -> str:
         """What will run and why, in a few lines."""
@@ -49,6 +112,12 @@ class ParallelPlan:
             )
             if on
         ]
+        batches = (
+            " + ".join(f"{count} × {size}" for size, count in _runs(self.replica_micro_batches))
+            + " per micro-batch (uneven replicas)"
+            if self.uneven_batches
+            else f"{self.micro_batch_size} per micro-batch"
+        )
         lines = [
             f"{self.num_workers} workers on {self.device.upper()} "
             f"({self.cpus_per_worker:g} CPU, {self.gpus_per_worker:g} GPU each), "
@@ -56,9 +125,9 @@ class ParallelPlan:
             f"data parallel {self.data_parallel_size} × pipeline {self.pipeline_stages}; "
             f"ZeRO stage {self.zero_stage}"
             + (f", offloading {' and '.join(offload)} to CPU" if offload else ""),
-            f"batch: {self.micro_batch_size} per micro-batch × {self.gradient_accumulation} "
-            f"accumulated × {self.data_parallel_size} replicas = {self.global_batch_size} "
-            "sequences per step",
+            f"batch: {batches} × {self.gradient_accumulation} accumulated"
+            + ("" if self.uneven_batches else f" × {self.data_parallel_size} replicas")
+            + f" = {self.global_batch_size} sequences per step",
             f"precision {self.precision}",
         ]
         if self.pipeline_stages > 1:
@@ -66,11 +135,235 @@ class ParallelPlan:
                 f"stage {stage}: {count}" for stage, count in enumerate(self.layers_per_stage)
             )
             lines.append(f"transformer blocks per stage: {split}")
+        if self.ranks:
+            lines.extend(_placement_lines(self))
         return "\n".join(lines)
 
 
-def make_plan(job: JobSpec) -> ParallelPlan:
-    """The layout the job spec asks for (a cluster-aware planner refines this)."""
+def make_plan(job: JobSpec, cluster: ClusterSpec | None = None) -> ParallelPlan:
+    """The job's layout as written, or (given a cluster) the fastest placement that fits."""
+    if cluster is None:
+        return _as_written(job)
+    ranked = candidates(job, cluster)
+    if not ranked or ranked[0].plan is None:
+        raise ResourceError(_nothing_fits(job, cluster, ranked))
+    return ranked[0].plan
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One layout the planner considered: its plan if it fits, else why not."""
+
+    summary: str
+    plan: ParallelPlan | None
+    rejected: str = ""
+
+
+def candidates(
+    job: JobSpec, cluster: ClusterSpec, *, even_splits: bool = False, every_device: bool = False
+) -> list[Candidate]:
+    """Every layout considered, fitting ones fastest first (cheaper first on a tie).
+
+    `even_splits` and `every_device` give the baselines the planner is measured against: a
+    uniform layout (even layers and batches) and one that must use the whole cluster.
+    """
+    train = job.train
+    work = Workload(
+        model_size(job.model),
+        train.global_batch_size
+        or train.micro_batch_size * train.gradient_accumulation * train.data_parallel_size,
+        train.precision,
+        job.model.activation_checkpointing,
+        even_splits,
+    )
+    usable = [g for g in device_groups(cluster, train) if speed(g.device, train.precision) > 0]
+    if not usable:
+        raise ResourceError(
+            f"{cluster.source}: no device of the cluster can train in {train.precision} "
+            f"(train.precision). To fix: pick a precision its devices support, or other nodes."
+        )
+    if train.parallelism == "manual":
+        layouts = _manual_layouts(job, usable)
+    else:
+        layouts = _auto_layouts(usable, work, every_device)
+    results = []
+    for layout in layouts:
+        scored = score(layout, work)
+        summary = _summary(layout)
+        if isinstance(scored, str):
+            results.append(Candidate(summary, None, scored))
+        else:
+            results.append(Candidate(summary, _to_plan(job, cluster, scored, work)))
+    return sorted(results, key=_rank_key)
+
+
+def _rank_key(candidate: Candidate):
+    plan = candidate.plan
+    if plan is None:
+        return (1, 0.0, 0.0, 0)
+    estimate = plan.estimate
+    cost = estimate.usd_per_million_tokens if estimate.usd_per_million_tokens is not None else 0
+    return (0, round(estimate.step_seconds, 6), cost, plan.num_workers)
+
+
+def _manual_layouts(job: JobSpec, groups: tuple[DeviceGroup, ...]) -> list[Layout]:
+    """The job's own layout on its first `num_workers` devices, fastest first."""
+    train = job.train
+    available = sum(group.count for group in groups)
+    if available < train.num_workers:
+        raise ResourceError(
+            f"train.num_workers: {train.num_workers} workers, but the cluster offers "
+            f"{available} ({', '.join(f'{g.count} × {g.device.name}' for g in groups)}). "
+            "To fix: lower num_workers, add nodes, or set train.parallelism: auto."
+        )
+    chosen, left = [], train.num_workers
+    for group in groups:
+        if left:
+            take = min(left, group.count)
+            chosen.append(group.first(take))
+            left -= take
+    return [
+        Layout(
+            tuple(chosen),
+            train.pipeline_stages,
+            train.zero_stage,
+            train.offload_optimizer,
+            train.offload_parameters,
+            train.gradient_accumulation,
+        )
+    ]
+
+
+def _auto_layouts(groups, work: Workload, every_device: bool) -> list[Layout]:
+    """Fastest device types first (all of them, the fastest k types), every pipeline depth
+    dividing the devices, every ZeRO stage it allows, with and without offload, every
+    accumulation dividing the global batch."""
+    layouts = []
+    for k in range(len(groups) if every_device else 1, len(groups) + 1):
+        chosen = tuple(groups[:k])
+        devices = sum(group.count for group in chosen)
+        for stages in _divisors(devices):
+            if stages > work.size.layers:
+                continue
+            for zero in (0, 1, 2, 3) if stages == 1 else (0, 1):
+                for offload in _offload_choices(zero):
+                    for accumulation in _divisors(work.global_batch_size):
+                        if work.global_batch_size // accumulation < devices // stages:
+                            continue
+                        layouts.append(Layout(chosen, stages, zero, *offload, accumulation))
+    return layouts
+
+
+def _offload_choices(zero: int) -> list[tuple[bool, bool]]:
+    choices = [(False, False)]
+    if zero >= 1:
+        choices.append((True, False))
+    if zero == 3:
+        choices.append((True, True))
+    return choices
+
+
+def _divisors(number: int) -> list[int]:
+    return [d for d in range(1, number + 1) if number % d == 0]
+
+
+def _to_plan(job: JobSpec, cluster: ClusterSpec, scored: Scored, work: Workload) -> ParallelPlan:
+    layout, train = scored.layout, job.train
+    gpu = any(g.device.is_gpu and not g.simulated for g in layout.groups)
+    ranks = tuple(
+        RankPlan(
+            rank=rank.rank,
+            stage=rank.stage,
+            replica=rank.replica,
+            node_type=rank.group.node_type,
+            device=rank.group.device.name,
+            layers=rank.layers,
+            micro_batch_size=rank.micro_batch_size,
+            memory_gib=round(rank.memory.device / GIB, 3),
+            capacity_gib=round(rank.group.usable_gib, 3),
+            host_memory_gib=round(rank.memory.host / GIB, 3),
+        )
+        for rank in scored.ranks
+    )
+    step = scored.step
+    tokens = work.global_batch_size * work.size.sequence_length
+    prices = [g.usd_per_hour_per_device for g in layout.groups]
+    usd = None
+    if all(price is not None for price in prices):
+        per_hour = sum(price * g.count for price, g in zip(prices, layout.groups, strict=True))
+        usd = per_hour / 3600 * step.total / tokens * 1e6
+    estimate = Estimate(
+        step_seconds=step.total,
+        tokens_per_second=tokens / step.total,
+        usd_per_million_tokens=usd,
+        seconds_by_cause={
+            "compute": step.compute,
+            "pipeline bubble": step.bubble,
+            "pipeline transfer": step.pipeline_transfer,
+            "gradient sync": step.gradient_sync,
+            "optimizer": step.optimizer,
+        },
+    )
+    micro = scored.replica_micro_batches
+    return ParallelPlan(
+        num_workers=len(ranks),
+        pipeline_stages=layout.pipeline_stages,
+        data_parallel_size=layout.data_parallel_size,
+        zero_stage=layout.zero_stage,
+        micro_batch_size=max(micro),
+        gradient_accumulation=layout.gradient_accumulation,
+        offload_optimizer=layout.offload_optimizer,
+        offload_parameters=layout.offload_parameters,
+        precision=train.precision,
+        device="cuda" if gpu else "cpu",
+        cpus_per_worker=train.cpus_per_worker,
+        gpus_per_worker=1.0 if gpu else 0.0,
+        layers_per_stage=scored.layers_per_stage,
+        replica_micro_batches=micro,
+        ranks=ranks,
+        estimate=estimate,
+        cluster=cluster.name,
+    )
+
+
+def _summary(layout: Layout) -> str:
+    offload = " +offload" if layout.offload_optimizer else ""
+    offload += " +param offload" if layout.offload_parameters else ""
+    devices = " + ".join(f"{g.count}×{g.device.name}" for g in layout.groups)
+    return (
+        f"dp {layout.data_parallel_size} × pp {layout.pipeline_stages}, ZeRO-{layout.zero_stage}"
+        f"{offload}, accumulate {layout.gradient_accumulation}, on {devices}"
+    )
+
+
+def _nothing_fits(job: JobSpec, cluster: ClusterSpec, ranked: list[Candidate]) -> str:
+    """Why no layout fits, and what would: ZeRO-3, offload, smaller micro-batches, more nodes."""
+    reason = ranked[0].rejected if ranked else "no layout was possible"
+    lines = [f"{cluster.source}: no layout of job {job.name!r} fits the cluster: {reason}."]
+    if job.train.parallelism == "manual":
+        relaxed = job.model_copy(
+            update={"train": job.train.model_copy(update={"parallelism": "auto"})}
+        )
+        found = [c for c in candidates(relaxed, cluster) if c.plan is not None]
+        if found:
+            lines.append(
+                f"To fix: set train.parallelism: auto (the planner found {found[0].summary}), "
+                "or raise train.zero_stage / turn on offload / lower train.micro_batch_size."
+            )
+            return " ".join(lines)
+    size = model_size(job.model)
+    states = 16 * size.total / GIB
+    biggest = max(device_groups(cluster, job.train), key=lambda g: g.usable_gib)
+    needed = int(states // biggest.usable_gib) + 1
+    lines.append(
+        f"To fix: the model's states alone take {states:.1f} GiB under Adam; with ZeRO-3 and "
+        f"offload that needs at least {needed} × {biggest.device.name} — add nodes, use "
+        "larger GPUs, or shrink the model or the batch."
+    )
+    return " ".join(lines)
+
+
+def _as_written(job: JobSpec) -> ParallelPlan:
     train = job.train
     return ParallelPlan(
         num_workers=train.num_workers,
@@ -89,7 +382,52 @@ def make_plan(job: JobSpec) -> ParallelPlan:
     )
 
 
-def split_evenly(items: int, parts: int) -> tuple[int, ...]:
-    """`items` as `parts` counts differing by at most one, larger counts first."""
-    base, extra = divmod(items, parts)
-    return tuple(base + (1 if part < extra else 0) for part in range(parts))
+def _placement_lines(plan: ParallelPlan) -> list[str]:
+    lines = [f"placed on cluster {plan.cluster!r}:"]
+    by_place: dict[tuple, list[RankPlan]] = {}
+    for rank in plan.ranks:
+        by_place.setdefault((rank.node_type, rank.device, rank.stage), []).append(rank)
+    for (node_type, device, stage), ranks in by_place.items():
+        first = ranks[0]
+        micro = sorted({rank.micro_batch_size for rank in ranks})
+        lines.append(
+            f"  {node_type} ({device}): ranks {_ranges([r.rank for r in ranks])}, stage {stage}, "
+            f"{first.layers} blocks, micro-batch {'/'.join(map(str, micro))}, "
+            f"memory {max(r.memory_gib for r in ranks):.2f} of {first.capacity_gib:.1f} GiB"
+            + (f" (+{first.host_memory_gib:.1f} GiB on host)" if first.host_memory_gib else "")
+        )
+    estimate = plan.estimate
+    if estimate:
+        causes = ", ".join(
+            f"{name} {seconds * 1000:.1f} ms"
+            for name, seconds in estimate.seconds_by_cause.items()
+            if seconds
+        )
+        cost = (
+            f", ${estimate.usd_per_million_tokens:.3f} per 1M tokens"
+            if estimate.usd_per_million_tokens is not None
+            else ""
+        )
+        lines.append(
+            f"estimated step {estimate.step_seconds * 1000:.1f} ms ({causes}); "
+            f"{estimate.tokens_per_second:,.0f} tokens/s{cost}"
+        )
+    return lines
+
+
+def _runs(values: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Consecutive equal values as (value, how many)."""
+    runs: list[tuple[int, int]] = []
+    for value in values:
+        if runs and runs[-1][0] == value:
+            runs[-1] = (value, runs[-1][1] + 1)
+        else:
+            runs.append((value, 1))
+    return runs
+
+
+def _ranges(numbers: list[int]) -> str:
+    numbers = sorted(numbers)
+    if numbers == list(range(numbers[0], numbers[-1] + 1)) and len(numbers) > 2:
+        return f"{numbers[0]}–{numbers[-1]}"
+    return ", ".join(map(str, numbers))

@@ -57,6 +57,11 @@ class DataSpec(Strict):
 class TrainSpec(Strict):
     """How to train: parallelism, precision, batch, optimizer, schedule, and cadence."""
 
+    parallelism: Literal["manual", "auto"] = Field(
+        "manual",
+        description="manual: the workers, stages, ZeRO stage, accumulation and offload below; "
+        "auto: on a cluster, the planner picks them (keeping the global batch).",
+    )
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
@@ -125,7 +130,9 @@ class TrainSpec(Strict):
                 "but train.gpus_per_worker is 0. To fix: use precision bf16 or fp32 on CPU."
             )
         expected = self.micro_batch_size * self.gradient_accumulation * self.data_parallel_size
-        if self.global_batch_size is not None and self.global_batch_size != expected:
+        # Under auto parallelism the planner picks the micro-batch, accumulation and workers.
+        auto = self.parallelism == "auto"
+        if self.global_batch_size is not None and self.global_batch_size != expected and not auto:
             raise ValueError(
                 f"train.global_batch_size: {self.global_batch_size} does not equal "
                 f"micro_batch_size {self.micro_batch_size} × gradient_accumulation "

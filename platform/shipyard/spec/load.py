@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from shipyard.errors import SpecError
+from shipyard.spec.cluster import ClusterSpec, parse_cluster
 from shipyard.spec.job import JobSpec
 
 Spec = TypeVar("Spec", bound=BaseModel)
@@ -28,11 +29,16 @@ def load_job(path: str | os.PathLike[str]) -> JobSpec:
     return job.model_copy(update={"storage": str(Path(job.storage).expanduser().resolve())})
 
 
-def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+def load_cluster(path: str | os.PathLike[str]) -> ClusterSpec:
+    """Read and validate a Ray cluster-launcher YAML into the cluster the planner sees."""
+    return parse_cluster(read_yaml(path, kind="cluster YAML"), str(path))
+
+
+def read_yaml(path: str | os.PathLike[str], kind: str = "job spec") -> dict[str, Any]:
     """The YAML mapping in `path`, or a SpecError saying why there is none."""
     file = Path(path)
     if not file.is_file():
-        raise SpecError(f"{path}: no such file. To fix: give the path of a YAML job spec.")
+        raise SpecError(f"{path}: no such file. To fix: give the path of a {kind}.")
     try:
         document = yaml.safe_load(file.read_text())
     except yaml.YAMLError as error:
@@ -42,7 +48,7 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise SpecError(f"{path}: not valid YAML{line}: {problem}.") from None
     if not isinstance(document, dict):
         raise SpecError(
-            f"{path}: the top level must be a mapping of fields (name, model, data, train, ...), "
+            f"{path}: the top level must be a mapping of fields (a {kind}), "
             f"not {type(document).__name__}."
         )
     return document

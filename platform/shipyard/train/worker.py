@@ -47,9 +47,7 @@ class Fault:
 def train_loop(config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker; `config` is plain data from the driver."""
     job = JobSpec.model_validate(config["job"])
-    plan = ParallelPlan(
-        **{**config["plan"], "layers_per_stage": tuple(config["plan"]["layers_per_stage"])}
-    )
+    plan = ParallelPlan.from_dict(config["plan"])
     fault = Fault(**config["fault"]) if config.get("fault") else None
     worker = Worker(
         job,

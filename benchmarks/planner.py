@@ -1,0 +1,135 @@
+"""The planner's layouts against the two layouts a person would write by hand.
+
+For several heterogeneous clusters and GPT sizes, print the planner's estimated step time and
+how much slower (by the same time model) two baselines are:
+- uniform: every device of the cluster, layers and samples split evenly (the best such layout
+  over pipeline depth, ZeRO stage, accumulation and offload);
+- best homogeneous subset: the fastest plan on one node type alone.
+Also print how long planning took. Part 2 (predicted vs measured step time on this machine)
+needs `shipyard plan --profile` and lands with it.
+
+    .venv/bin/python benchmarks/planner.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from shipyard.errors import ResourceError
+from shipyard.plan.plan import candidates
+from shipyard.spec.cluster import ClusterSpec, parse_cluster
+from shipyard.spec.job import JobSpec
+from shipyard.spec.load import load_cluster
+
+MODELS = {  # GPT-3 paper shapes: layers, width, heads
+    "350M": (24, 1024, 16),
+    "1.3B": (24, 2048, 16),
+    "6.7B": (32, 4096, 32),
+    "13B": (40, 5120, 40),
+}
+
+
+def cluster(name: str, nodes: dict[str, tuple[str, int]]) -> ClusterSpec:
+    """A cluster of the named instance types (node type -> (instance type, node count))."""
+    types = {"head": {"resources": {"CPU": 8}, "node_config": {}}}
+    for node_type, (instance, count) in nodes.items():
+        types[node_type] = {
+            "resources": {},
+            "node_config": {"InstanceType": instance},
+            "max_workers": count,
+        }
+    document = {
+        "cluster_name": name,
+        "provider": {"type": "aws", "region": "us-east-1"},
+        "head_node_type": "head",
+        "available_node_types": types,
+    }
+    return parse_cluster(document, name)
+
+
+def job(model: str, precision: str) -> JobSpec:
+    layers, width, heads = MODELS[model]
+    return JobSpec.model_validate(
+        {
+            "name": f"gpt-{model}",
+            "model": {
+                "layers": layers,
+                "width": width,
+                "heads": heads,
+                "sequence_length": 2048,
+                "vocabulary_size": 50304,
+                "activation_checkpointing": True,
+            },
+            "train": {
+                "parallelism": "auto",
+                "gpus_per_worker": 1,
+                "precision": precision,
+                "global_batch_size": 512,
+            },
+        }
+    )
+
+
+def best_seconds(found) -> float | None:
+    fitting = [c for c in found if c.plan is not None]
+    return fitting[0].plan.estimate.step_seconds if fitting else None
+
+
+def homogeneous(spec: ClusterSpec) -> list[ClusterSpec]:
+    """The cluster cut down to each GPU node type alone."""
+    heads = tuple(node for node in spec.node_types if node.is_head)
+    return [
+        dataclasses.replace(spec, node_types=(*heads, node))
+        for node in spec.node_types
+        if node.gpus
+    ]
+
+
+def ratio(baseline: float | None, planned: float) -> str:
+    return f"{baseline / planned:6.2f}×" if baseline else "  none "
+
+
+def main() -> None:
+    clusters = [
+        (load_cluster("cluster/aws_hetero.yaml"), "fp16"),
+        (cluster("a100x8+l4x8", {"a100": ("p4d.24xlarge", 1), "l4": ("g6.48xlarge", 1)}), "bf16"),
+        (
+            cluster(
+                "h100x8+a10gx8+l4x4",
+                {"h100": ("p5.48xlarge", 1), "a10g": ("g5.48xlarge", 1), "l4": ("g6.24xlarge", 1)},
+            ),
+            "bf16",
+        ),
+    ]
+    print(
+        f"{'cluster':20s} {'model':5s} {'planned step':>12s} {'tokens/s':>10s}  "
+        f"{'uniform/plan':>12s} {'homog./plan':>11s} {'plan time':>9s}  chosen layout"
+    )
+    for spec, precision in clusters:
+        for model in MODELS:
+            work = job(model, precision)
+            started = time.perf_counter()
+            try:
+                found = candidates(work, spec)
+            except ResourceError as error:
+                print(f"{spec.name:20s} {model:5s} cannot plan: {error}")
+                continue
+            planning = time.perf_counter() - started
+            planned = best_seconds(found)
+            if planned is None:
+                print(f"{spec.name:20s} {model:5s} nothing fits: {found[0].rejected}")
+                continue
+            chosen = next(c for c in found if c.plan is not None)
+            uniform = best_seconds(candidates(work, spec, even_splits=True, every_device=True))
+            subsets = [best_seconds(candidates(work, part)) for part in homogeneous(spec)]
+            subset = min((s for s in subsets if s), default=None)
+            print(
+                f"{spec.name:20s} {model:5s} {planned * 1000:10.0f}ms "
+                f"{chosen.plan.estimate.tokens_per_second:10,.0f}  {ratio(uniform, planned):>12s} "
+                f"{ratio(subset, planned):>11s} {planning:8.2f}s  {chosen.summary}"
+            )
+
+
+if __name__ == "__main__":
+    main()

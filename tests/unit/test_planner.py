@@ -1,0 +1,259 @@
+"""The planner: the ZeRO paper's memory figures, speed-weighted splits, and whole plans."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from shipyard import SpecError
+from shipyard.cli import main
+from shipyard.errors import ResourceError
+from shipyard.models.gpt import GPT
+from shipyard.plan.memory import model_size, model_state_bytes, rank_memory
+from shipyard.plan.partition import split_by_speed
+from shipyard.plan.plan import ParallelPlan, make_plan
+from shipyard.spec.cluster import local_cluster, parse_cluster
+from shipyard.spec.job import JobSpec, ModelSpec
+from shipyard.spec.load import load_cluster, load_job
+from tests.conftest import REPO
+
+GB = 1e9
+
+
+@pytest.mark.parametrize(("stage", "expected_gb"), [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.88)])
+def test_model_states_match_the_zero_paper(stage, expected_gb):
+    # ZeRO (Rajbhandari et al. 2020), Figure 1: a 7.5B model on 64 GPUs, mixed-precision Adam.
+    states = model_state_bytes(7.5e9, "fp16", stage, data_parallel_size=64)
+    assert states.device / GB == pytest.approx(expected_gb, abs=0.05)  # the paper rounds
+
+
+def test_offload_moves_optimizer_then_parameters_to_the_host():
+    optimizer = model_state_bytes(1e9, "bf16", 3, 8, offload_optimizer=True)
+    both = model_state_bytes(1e9, "bf16", 3, 8, offload_optimizer=True, offload_parameters=True)
+    assert optimizer.optimizer == 0 and optimizer.host == pytest.approx(12e9 / 8)
+    assert both.parameters == 0 and both.host == pytest.approx(14e9 / 8)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [ModelSpec(layers=2, heads=2, width=32, sequence_length=16), ModelSpec(vocabulary_size=1000)],
+)
+def test_parameter_count_is_the_built_models(spec):
+    built = sum(parameter.numel() for parameter in GPT(spec, seed=0).parameters())
+    assert model_size(spec).total == built
+
+
+def test_recomputation_and_pipeline_depth_change_activation_memory():
+    size = model_size(ModelSpec(layers=8, width=1024, heads=16, sequence_length=1024))
+    common = dict(
+        layers=4,
+        has_embedding=False,
+        has_head=False,
+        micro_batch_size=4,
+        precision="bf16",
+        zero_stage=1,
+        data_parallel_size=1,
+        offload_optimizer=False,
+        offload_parameters=False,
+    )
+    kept = rank_memory(size, in_flight=1, checkpointing=False, **common).activations
+    recomputed = rank_memory(size, in_flight=1, checkpointing=True, **common).activations
+    first_of_four = rank_memory(size, in_flight=4, checkpointing=False, **common).activations
+    assert kept == pytest.approx(34 * 1024 * 1024 * 4 * 4)  # 34·s·b·h per layer, 4 layers
+    assert recomputed == pytest.approx(kept * 2 / 34)
+    assert first_of_four == pytest.approx(4 * kept)
+
+
+def test_split_by_speed_gives_a_twice_as_fast_worker_twice_the_work():
+    assert split_by_speed(12, [2.0, 1.0]) == (8, 4)
+    assert split_by_speed(12, [2.0, 1.0], caps=[6, None]) == (6, 6)
+    assert split_by_speed(12, [2.0, 1.0], caps=[6, 5]) is None
+    assert split_by_speed(12, [1.0, 1.0], fixed=[0.0, 2.0]) == (7, 5)
+    assert split_by_speed(1, [1.0, 1.0]) is None  # everyone needs at least one
+
+
+def two_gpu_cluster(fast="V100-32G", slow="T4"):
+    """One node with a V100 and one with a T4: in fp32 the V100 is 1.94× as fast."""
+    node = lambda model: {  # noqa: E731
+        "resources": {"CPU": 8, "GPU": 1, f"accelerator_type:{model}": 1},
+        "node_config": {},
+        "min_workers": 1,
+        "max_workers": 1,
+    }
+    return parse_cluster(
+        {
+            "cluster_name": "pair",
+            "provider": {"type": "aws", "region": "us-east-1"},
+            "head_node_type": "head",
+            "available_node_types": {
+                "head": {"resources": {"CPU": 4}, "node_config": {}},
+                "fast": node(fast),
+                "slow": node(slow),
+            },
+        },
+        "<pair>",
+    )
+
+
+def gpu_job(**train) -> JobSpec:
+    return JobSpec.model_validate(
+        {
+            "name": "t",
+            "model": {"layers": 12, "heads": 4, "width": 256, "sequence_length": 128},
+            "train": {"num_workers": 2, "gpus_per_worker": 1, "micro_batch_size": 8, **train},
+        }
+    )
+
+
+def test_a_twice_as_fast_replica_takes_about_twice_the_samples():
+    plan = make_plan(gpu_job(), two_gpu_cluster())
+    assert plan.global_batch_size == 16, "the global batch is the job's"
+    fast, slow = plan.replica_micro_batches
+    assert (fast, slow) == (11, 5)
+    assert [rank.device for rank in plan.ranks] == ["V100-32G", "T4"]
+    assert plan.device == "cuda" and plan.backend == "nccl"
+
+
+def test_a_twice_as_fast_stage_takes_about_twice_the_layers():
+    plan = make_plan(gpu_job(pipeline_stages=2), two_gpu_cluster())
+    fast, slow = plan.layers_per_stage
+    assert fast + slow == 12 and 1.5 <= fast / slow <= 2.5
+    assert [rank.node_type for rank in plan.ranks] == ["fast", "slow"]
+
+
+def test_memory_bounds_the_split():
+    # A model whose state is near a T4's 16 GB: the planner keeps its stage small.
+    job = gpu_job(pipeline_stages=2, zero_stage=0, micro_batch_size=1, precision="fp16")
+    big = job.model_copy(
+        update={"model": ModelSpec(layers=24, heads=16, width=2048, sequence_length=512)}
+    )
+    plan = make_plan(big, two_gpu_cluster(fast="A100-80G"))
+    for rank in plan.ranks:
+        assert rank.memory_gib <= rank.capacity_gib
+    assert plan.layers_per_stage[1] < plan.layers_per_stage[0]
+
+
+def test_nothing_fits_says_what_would():
+    job = gpu_job(zero_stage=0, micro_batch_size=1, precision="fp16")
+    huge = job.model_copy(
+        update={"model": ModelSpec(layers=40, heads=40, width=5120, sequence_length=2048)}
+    )
+    with pytest.raises(ResourceError) as caught:
+        make_plan(huge, two_gpu_cluster())
+    message = str(caught.value)
+    assert "<pair>: no layout of job 't' fits" in message and "To fix:" in message
+    assert "add nodes" in message
+
+
+def test_too_few_devices_for_a_manual_layout():
+    with pytest.raises(ResourceError, match=r"train\.num_workers: 4 workers, but the cluster"):
+        make_plan(gpu_job(num_workers=4), two_gpu_cluster())
+
+
+def test_auto_is_never_slower_than_the_jobs_own_layout():
+    cluster = load_cluster(REPO / "cluster" / "aws_hetero.yaml")
+    job = load_job(REPO / "jobs" / "gpt-1b-hetero.yaml")
+    manual = job.model_copy(
+        update={
+            "train": job.train.model_copy(
+                update={
+                    "parallelism": "manual",
+                    "num_workers": 16,
+                    "pipeline_stages": 2,
+                    "micro_batch_size": 1,
+                    "gradient_accumulation": 32,
+                }
+            )
+        }
+    )
+    auto_plan, manual_plan = make_plan(job, cluster), make_plan(manual, cluster)
+    assert auto_plan.global_batch_size == manual_plan.global_batch_size == 256
+    assert auto_plan.estimate.step_seconds <= manual_plan.estimate.step_seconds
+    assert all(rank.memory_gib <= rank.capacity_gib for rank in auto_plan.ranks)
+    assert auto_plan.ranks[0].device == "A100-80G", "the fastest devices come first"
+
+
+def test_on_this_machine_a_manual_plan_is_the_job_as_written():
+    job = load_job(REPO / "jobs" / "tiny-gpt.yaml")
+    placed, written = make_plan(job, local_cluster()), make_plan(job)
+    for name in (
+        "num_workers",
+        "data_parallel_size",
+        "zero_stage",
+        "micro_batch_size",
+        "gradient_accumulation",
+        "layers_per_stage",
+        "device",
+    ):
+        assert getattr(placed, name) == getattr(written, name), name
+    assert placed.estimate.tokens_per_second > 0
+
+
+SHIPPED = {
+    "local.yaml": [
+        "tiny-gpt.yaml",
+        "pipeline-gpt.yaml",
+        "zero3-offload-bf16.yaml",
+        "sweep-tiny-gpt.yaml",
+    ],
+    "fake_hetero.yaml": ["tiny-gpt.yaml", "pipeline-gpt.yaml"],
+    "aws_hetero.yaml": ["gpt-1b-hetero.yaml"],
+}
+
+
+@pytest.mark.parametrize(
+    ("cluster_file", "job_file"),
+    [(cluster, job) for cluster, jobs in SHIPPED.items() for job in jobs],
+)
+def test_every_shipped_cluster_and_job_plans(cluster_file, job_file):
+    plan = make_plan(
+        load_job(REPO / "jobs" / job_file), load_cluster(REPO / "cluster" / cluster_file)
+    )
+    assert plan.ranks and plan.estimate.step_seconds > 0
+    assert ParallelPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+
+def test_every_shipped_file_is_in_the_table():
+    assert {p.name for p in (REPO / "cluster").glob("*.yaml")} == set(SHIPPED)
+    assert {p.name for p in (REPO / "jobs").glob("*.yaml")} == {
+        job for jobs in SHIPPED.values() for job in jobs
+    }
+
+
+def test_explain_lists_candidates_and_reasons(capsys):
+    code = main(
+        [
+            "plan",
+            str(REPO / "jobs" / "gpt-1b-hetero.yaml"),
+            "--cluster",
+            str(REPO / "cluster" / "aws_hetero.yaml"),
+            "--explain",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "layouts considered" in out and "— chosen" in out and "did not fit" in out
+    assert "per 1M tokens" in out and "a100_80gb (A100-80G)" in out
+
+
+def test_plan_json_is_plain_data(capsys):
+    code = main(["plan", str(REPO / "jobs" / "tiny-gpt.yaml"), "--json", "--explain"])
+    document = json.loads(capsys.readouterr().out)
+    assert code == 0 and document["num_workers"] == 2
+    assert document["ranks"][0]["node_type"] == "ray.head.default"
+    assert document["candidates"][0]["rejected"] is None
+
+
+def test_a_bad_cluster_file_is_a_clean_error(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"cluster_name": "x"}))
+    code = main(["plan", str(REPO / "jobs" / "tiny-gpt.yaml"), "--cluster", str(path)])
+    assert code == 2
+    assert f"{path}: the top level: 'provider' is a required property" in capsys.readouterr().err
+
+
+def test_spec_error_type_for_missing_cluster_file():
+    with pytest.raises(SpecError, match=r"no such file\. To fix: give the path of a cluster YAML"):
+        load_cluster("cluster/none.yaml")
