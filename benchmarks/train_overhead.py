@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
+from shipyard.data.batches import replica_slices, training_batches
 from shipyard.data.corpus import corpus_files, cut_windows, validation_stride
-from shipyard.data.shards import training_batches
 from shipyard.models.gpt import GPT, language_model_loss
 from shipyard.plan.plan import make_plan
 from shipyard.spec.job import JobSpec
@@ -124,12 +124,15 @@ def baseline_worker(
             opt, lambda step: lr_factor(step, job.train)
         ),
     )
-    shard = windows[rank :: plan.data_parallel_size]
-    batches = training_batches(shard, plan.micro_batch_size, job.train.seed)
+    # The same global batches Shipyard's workers draw, this rank's slice of each.
+    mine = replica_slices((plan.micro_batch_size,) * plan.data_parallel_size)[rank]
+    batches = training_batches(
+        windows, plan.micro_batch_size * plan.data_parallel_size, job.train.seed
+    )
 
     def step() -> None:
         for _ in range(plan.gradient_accumulation):
-            tokens = next(batches)
+            tokens = next(batches)[mine]
             loss = language_model_loss(engine(tokens[:, :-1]), tokens[:, 1:])
             engine.backward(loss)
             engine.step()

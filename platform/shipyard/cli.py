@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--stop-at-step", type=int, help="stop at this step with a checkpoint; re-run to continue"
     )
+    train.add_argument(
+        "--cluster",
+        help="the joined cluster's YAML: place ranks by the plan for it (default: as written)",
+    )
     train.add_argument("--verbose", action="store_true", help="show Ray's and workers' logs")
     train.set_defaults(command=_train)
 
@@ -183,11 +187,13 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
 def _train(args: argparse.Namespace, console: Console) -> int:
     from shipyard.plan.plan import make_plan
     from shipyard.runtime.local import ray_runtime
-    from shipyard.spec.load import load_job
-    from shipyard.train.trainer import run_training
+    from shipyard.spec.load import load_cluster, load_job
+    from shipyard.train.trainer import check_resumable, run_training
 
-    job = load_job(args.job)  # decide first: a bad spec fails before Ray starts
-    console.print(f"[bold]{job.name}[/]  {make_plan(job).explain()}", highlight=False)
+    job = load_job(args.job)  # decide first: a bad spec or cluster fails before Ray starts
+    cluster = load_cluster(args.cluster) if args.cluster else None
+    check_resumable(job)  # and so does a changed model that would resume a checkpoint
+    console.print(f"[bold]{job.name}[/]  {make_plan(job, cluster).explain()}", highlight=False)
     final_step = min(job.train.max_steps, args.stop_at_step or job.train.max_steps)
     with ray_runtime(args.address, verbose=args.verbose), _progress(console) as progress:
         task = progress.add_task("starting Ray Train workers", total=final_step, status="")
@@ -204,7 +210,11 @@ def _train(args: argparse.Namespace, console: Console) -> int:
             )
 
         result = run_training(
-            job, on_metrics=show, on_corpus=show_corpus, stop_at_step=args.stop_at_step
+            job,
+            cluster=cluster,
+            on_metrics=show,
+            on_corpus=show_corpus,
+            stop_at_step=args.stop_at_step,
         )
     _summary(console, job, result, args)
     return 0

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -95,25 +98,36 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def validation_loss(model, job: JobSpec) -> float:
-    """`job`'s validation loss as its workers compute it: the first batches of each replica's
-    shard, averaged over replicas."""
-    import numpy as np
+def validation_loss(model, job: JobSpec, plan=None) -> float:
+    """`job`'s validation loss as its workers compute it: the first global micro-batches of the
+    validation windows, each replica's slice, weighted by its number of windows."""
     import torch
 
+    from shipyard.data.batches import evaluation_batches, load_windows, replica_slices
     from shipyard.data.corpus import build_corpus
-    from shipyard.data.shards import evaluation_batches, load_shard, shard_corpus
     from shipyard.models.gpt import language_model_loss
     from shipyard.plan.plan import make_plan
 
-    plan = make_plan(job)
-    corpus = build_corpus(job.data, job.model.sequence_length)
-    per_replica = []
-    for shard in shard_corpus(corpus, plan.data_parallel_size).validation:
-        batches = evaluation_batches(
-            load_shard(shard), plan.micro_batch_size, job.train.eval_batches
-        )
-        with torch.no_grad():
-            losses = [language_model_loss(model(b[:, :-1]), b[:, 1:]).item() for b in batches]
-        per_replica.append(np.mean(losses))
-    return float(np.mean(per_replica))
+    plan = plan or make_plan(job)
+    micro = plan.replica_micro_batches or (plan.micro_batch_size,) * plan.data_parallel_size
+    windows = load_windows(build_corpus(job.data, job.model.sequence_length).validation)
+    total = 0.0
+    batches = evaluation_batches(windows, sum(micro), job.train.eval_batches)
+    with torch.no_grad():
+        for batch in batches:
+            for part in replica_slices(micro):
+                tokens = batch[part]
+                loss = language_model_loss(model(tokens[:, :-1]), tokens[:, 1:]).item()
+                total += loss * len(tokens)
+    return total / (sum(micro) * len(batches))
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM a test cluster's process group; SIGKILL it if it is not gone in a few seconds
+    (a graceful Ray stop waits 30 s on each actor, which a throwaway cluster does not need)."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)

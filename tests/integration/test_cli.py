@@ -18,7 +18,7 @@ import yaml
 from shipyard.serve.export import load_exported_model, read_export
 from shipyard.serve.generation import GenerationRequest, TextGenerator
 from shipyard.train.checkpoint import saved_checkpoints
-from tests.integration.conftest import TINY_JOB, free_port, wait_for
+from tests.integration.conftest import TINY_JOB, free_port, stop_process_group, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -82,28 +82,23 @@ def test_ctrl_c_shuts_ray_down_and_a_rerun_resumes(cli_job, tmp_path):
     assert ray_daemons() <= daemons_before
 
 
-def test_changed_model_is_refused_and_the_checkpoint_kept(cli_job):
-    job_path, storage = cli_job
+def test_changed_model_is_refused_and_the_checkpoint_kept(trained_for_serving, tmp_path):
+    job_path, storage, _ = trained_for_serving
     spec = yaml.safe_load(job_path.read_text())
-    spec["train"]["max_steps"] = 10
-    job_path.write_text(yaml.safe_dump(spec))
-    assert (
-        subprocess.run(
-            [*SHIPYARD, "train", str(job_path)], capture_output=True, timeout=400
-        ).returncode
-        == 0
-    )
     before = {p: p.stat().st_mtime for p in storage.rglob("*") if p.is_file()}
 
     spec["model"]["width"] = 64
-    job_path.write_text(yaml.safe_dump(spec))
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(spec))
+    daemons_before = ray_daemons()
     refused = subprocess.run(
-        [*SHIPYARD, "train", str(job_path)], capture_output=True, text=True, timeout=400
+        [*SHIPYARD, "train", str(changed)], capture_output=True, text=True, timeout=400
     )
     assert refused.returncode == 2
     assert "model.width: 64 differs from 32 in the checkpoint" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert {p: p.stat().st_mtime for p in storage.rglob("*") if p.is_file()} == before
+    assert ray_daemons() <= daemons_before, "refused before any Ray started"
 
 
 @pytest.fixture(scope="module")
@@ -196,11 +191,7 @@ def ray_head(tmp_path):
         wait_for(lambda: port_open(port) and port_open(dashboard_port), 120, "the Ray head")
         yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}"
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        stop_process_group(head)
 
 
 def port_open(port: int) -> bool:

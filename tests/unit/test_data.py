@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from shipyard import SpecError
+from shipyard.data.batches import evaluation_batches, replica_slices, training_batches
 from shipyard.data.corpus import corpus_files, cut_windows, validation_stride
-from shipyard.data.shards import evaluation_batches, training_batches
 from shipyard.spec.job import DataSpec
 
 
@@ -81,3 +81,8 @@ def test_evaluation_batches_are_fixed_and_wrap():
         [[0, 1, 2], [3, 4, 5]],
         [[6, 7, 8], [0, 1, 2]],
     ]
+
+
+def test_replica_slices_tile_the_global_micro_batch():
+    assert replica_slices((6, 2)) == [slice(0, 6), slice(6, 8)]
+    assert replica_slices((4, 4, 4)) == [slice(0, 4), slice(4, 8), slice(8, 12)]

@@ -257,3 +257,23 @@ def test_a_bad_cluster_file_is_a_clean_error(tmp_path, capsys):
 def test_spec_error_type_for_missing_cluster_file():
     with pytest.raises(SpecError, match=r"no such file\. To fix: give the path of a cluster YAML"):
         load_cluster("cluster/none.yaml")
+
+
+def test_ranks_are_pinned_to_their_node_types_only_on_mixed_clusters():
+    from shipyard.train.deepspeed_config import deepspeed_config
+    from shipyard.train.trainer import placement
+
+    job = load_job(REPO / "jobs" / "tiny-gpt.yaml")
+    fake = make_plan(job, load_cluster(REPO / "cluster" / "fake_hetero.yaml"))
+    assert placement(fake) == [
+        {"shipyard-device": "a100"},
+        {"shipyard-device": "t4"},
+    ]
+    assert placement(make_plan(job, local_cluster())) is None
+    assert placement(make_plan(job)) is None
+    # Each rank's DeepSpeed batch numbers multiply up with its own share of the samples.
+    fast, slow = fake.replica_micro_batches
+    assert fast > slow and fast + slow == 16
+    config = deepspeed_config(fake, job.train, micro_batch_size=slow)
+    assert config["train_micro_batch_size_per_gpu"] == slow
+    assert config["train_batch_size"] == slow * fake.gradient_accumulation * 2

@@ -27,6 +27,7 @@ class DeviceGroup:
     network_gb_per_s: float  # each node's share of the inter-node network
     usd_per_hour_per_device: float | None
     simulated: bool  # runs on CPU, planned as the GPU model the fake node advertises
+    node_selector: dict[str, str]  # the node labels that place a rank on this node type
 
     def first(self, count: int) -> DeviceGroup:
         """Only `count` of these devices, packed onto as few nodes as they need."""
@@ -67,6 +68,7 @@ def _gpu_group(node: NodeType) -> DeviceGroup:
         network_gb_per_s=node.network_gbit / 8,
         usd_per_hour_per_device=price,
         simulated=node.simulated,
+        node_selector=node.node_selector,
     )
 
 
@@ -85,4 +87,5 @@ def _cpu_group(node: NodeType, cpus_per_worker: float) -> DeviceGroup:
         network_gb_per_s=node.network_gbit / 8,
         usd_per_hour_per_device=price,
         simulated=False,
+        node_selector=node.node_selector,
     )

@@ -34,6 +34,7 @@ class RankPlan:
     memory_gib: float
     capacity_gib: float
     host_memory_gib: float
+    node_selector: dict[str, str]  # node labels that put this rank on its node type
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class ParallelPlan:
     ranks: tuple[RankPlan, ...] = ()  # placed plans only
     estimate: Estimate | None = None
     cluster: str = ""
+    select_nodes: bool = False  # the cluster has several node types: pin each rank to its own
 
     @property
     def global_batch_size(self) -> int:
@@ -282,6 +284,7 @@ def _to_plan(job: JobSpec, cluster: ClusterSpec, scored: Scored, work: Workload)
             memory_gib=round(rank.memory.device / GIB, 3),
             capacity_gib=round(rank.group.usable_gib, 3),
             host_memory_gib=round(rank.memory.host / GIB, 3),
+            node_selector=rank.group.node_selector,
         )
         for rank in scored.ranks
     )
@@ -323,6 +326,7 @@ def _to_plan(job: JobSpec, cluster: ClusterSpec, scored: Scored, work: Workload)
         ranks=ranks,
         estimate=estimate,
         cluster=cluster.name,
+        select_nodes=len(cluster.node_types) > 1,
     )
 
 

@@ -18,6 +18,7 @@ from shipyard.errors import SpecError
 
 ACCELERATOR_RESOURCE = "accelerator_type:"
 ACCELERATOR_LABEL = "ray.io/accelerator-type"
+NODE_TYPE_LABEL = "ray.io/node-group"  # Ray labels each node with its node type's name
 FAKE_PROVIDER = "fake_multinode"
 LOCAL_PROVIDERS = ("local", FAKE_PROVIDER)
 
@@ -40,6 +41,12 @@ class NodeType:
     usd_per_hour: float | None
     labels: dict[str, str] = field(default_factory=dict)
     resources: dict[str, float] = field(default_factory=dict)  # Ray resources as written
+
+    @property
+    def node_selector(self) -> dict[str, str]:
+        """Labels that pick out nodes of this type: its own, else the node-group label Ray's
+        launcher sets (its fake multinode provider sets none, so fake types need labels)."""
+        return dict(self.labels) if self.labels else {NODE_TYPE_LABEL: self.name}
 
     @property
     def device(self) -> hardware.Device | None:
@@ -103,7 +110,22 @@ def parse_cluster(document: dict[str, Any], source: str) -> ClusterSpec:
         _node_type(name, entry, name == head, provider, prices.get(name), document, source)
         for name, entry in node_types.items()
     )
+    _check_distinct_labels(resolved, source)
     return ClusterSpec(document["cluster_name"], provider, resolved, source)
+
+
+def _check_distinct_labels(node_types: tuple[NodeType, ...], source: str) -> None:
+    """Ranks are placed by label, so two node types must not share the same labels."""
+    seen: dict[tuple, str] = {}
+    for node in node_types:
+        key = tuple(sorted(node.node_selector.items()))
+        if key in seen:
+            raise SpecError(
+                f"{source}: available_node_types.{node.name}.labels: the same as "
+                f"{seen[key]}'s, so ranks could not be placed on one and not the other. "
+                "To fix: give each node type a label of its own."
+            )
+        seen[key] = node.name
 
 
 def check_ray_schema(document: dict[str, Any], source: str) -> None:

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from shipyard.data.shards import CorpusShards
+from shipyard.data.corpus import Corpus
 from shipyard.spec.job import JobSpec
 from shipyard.sweep.search_space import apply_overrides
 from shipyard.train.checkpoint import SavedCheckpoint, read_checkpoint
@@ -27,15 +27,13 @@ def trial_job(base: JobSpec, values: dict[str, Any], run_name: str, storage: str
     return job.model_copy(update={"name": run_name, "storage": storage, "sweep": None})
 
 
-def shards_key(job: JobSpec) -> str:
-    """Jobs with equal keys train on the same token windows, split the same way."""
-    return json.dumps(
-        [job.data.model_dump(mode="json"), job.model.sequence_length, job.train.data_parallel_size]
-    )
+def corpus_key(job: JobSpec) -> str:
+    """Jobs with equal keys train on the same token windows."""
+    return json.dumps([job.data.model_dump(mode="json"), job.model.sequence_length])
 
 
 def run_trial(
-    config: dict[str, Any], *, base: dict, shards: dict[str, CorpusShards], runs_folder: str
+    config: dict[str, Any], *, base: dict, corpora: dict[str, Corpus], runs_folder: str
 ) -> None:
     """Tune function trainable: train one trial, reporting each metric row (and checkpoint)."""
     from ray import tune
@@ -74,7 +72,7 @@ def run_trial(
     try:
         run_training(
             job,
-            shards=shards[shards_key(job)],
+            corpus=corpora[corpus_key(job)],
             start_checkpoint=start.path if start else None,  # storage is a local folder
             on_metrics=forward,
         )

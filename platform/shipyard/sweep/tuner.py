@@ -16,13 +16,12 @@ from typing import Any
 import ray
 from ray import tune
 
-from shipyard.data.corpus import build_corpus
-from shipyard.data.shards import CorpusShards, shard_corpus
+from shipyard.data.corpus import Corpus, build_corpus
 from shipyard.errors import ResourceError, SpecError
 from shipyard.spec.job import JobSpec
 from shipyard.sweep.history import TrialHistory
 from shipyard.sweep.search_space import Dimension, apply_overrides, shapes_corpus
-from shipyard.sweep.trial import TRIAL_CPUS, run_trial, shards_key
+from shipyard.sweep.trial import TRIAL_CPUS, corpus_key, run_trial
 
 SWEEP_JOB_FILE = "sweep-job.json"  # the job the sweep started with; a resume must match it
 TRIAL_RUNS = "trial-runs"  # scratch folder of the trials' Train runs
@@ -62,7 +61,7 @@ def run_sweep(
         tune.with_parameters(
             run_trial,
             base=job.model_dump(mode="json"),
-            shards=build_shards(job, dimensions),
+            corpora=build_corpora(job, dimensions),
             runs_folder=str(folder / TRIAL_RUNS),
         ),
         {"CPU": TRIAL_CPUS},
@@ -214,29 +213,22 @@ def _corners(job: JobSpec, dimensions: tuple[Dimension, ...]) -> list[dict[str, 
     ]
 
 
-def build_shards(job: JobSpec, dimensions: tuple[Dimension, ...]) -> dict[str, CorpusShards]:
-    """Every corpus split a trial can ask for, made here once while the CPUs are free.
+def build_corpora(job: JobSpec, dimensions: tuple[Dimension, ...]) -> dict[str, Corpus]:
+    """Every corpus a trial can ask for, built here once while the CPUs are free.
 
     Trials then need no Ray Data tasks, which could not run while other trials' workers hold
     the cluster's CPUs.
     """
-    chosen = [d for d in dimensions if shapes_corpus(d.path) or d.path in _DATA_PARALLEL_FIELDS]
-    corpora, shards = {}, {}
+    chosen = [d for d in dimensions if shapes_corpus(d.path)]
+    corpora: dict[str, Corpus] = {}
     for values in itertools.product(*(_all_values(d) for d in chosen)):
         trial = apply_overrides(
             job, dict(zip([d.path for d in chosen], values, strict=True)), "sweep"
         )
-        key = shards_key(trial)
-        if key in shards:
-            continue
-        corpus_key = (trial.data, trial.model.sequence_length)
-        if corpus_key not in corpora:
-            corpora[corpus_key] = build_corpus(trial.data, trial.model.sequence_length)
-        shards[key] = shard_corpus(corpora[corpus_key], trial.train.data_parallel_size)
-    return shards
-
-
-_DATA_PARALLEL_FIELDS = ("train.num_workers", "train.pipeline_stages")
+        key = corpus_key(trial)
+        if key not in corpora:
+            corpora[key] = build_corpus(trial.data, trial.model.sequence_length)
+    return corpora
 
 
 def _all_values(dimension: Dimension) -> list[Any]:

@@ -10,11 +10,18 @@ from shipyard.spec.job import TrainSpec
 NEVER = 10**9  # DeepSpeed's own step printing; Shipyard reports metrics itself
 
 
-def deepspeed_config(plan: ParallelPlan, train: TrainSpec) -> dict[str, Any]:
-    """Batch, optimizer, ZeRO and precision settings; the LR schedule is passed separately."""
+def deepspeed_config(
+    plan: ParallelPlan, train: TrainSpec, micro_batch_size: int | None = None
+) -> dict[str, Any]:
+    """Batch, optimizer, ZeRO and precision settings; the LR schedule is passed separately.
+
+    `micro_batch_size` is this rank's when the plan splits samples unevenly. DeepSpeed checks
+    only that its own numbers multiply up; the loss weights make the mean a global one.
+    """
+    micro = micro_batch_size or plan.micro_batch_size
     return {
-        "train_batch_size": plan.global_batch_size,
-        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "train_batch_size": micro * plan.gradient_accumulation * plan.data_parallel_size,
+        "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": plan.gradient_accumulation,
         "gradient_clipping": train.gradient_clipping,
         "optimizer": optimizer_config(plan, train),

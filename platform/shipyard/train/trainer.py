@@ -2,26 +2,36 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
 import ray.train
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import (
+    CheckpointConfig,
+    DataConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+    UserCallback,
+)
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Empty, Queue
 
 from shipyard.data.corpus import Corpus, build_corpus
-from shipyard.data.shards import CorpusShards, DataParallelShards, shard_corpus
 from shipyard.errors import ResourceError, SpecError, TrainingError
 from shipyard.plan.plan import ParallelPlan, make_plan
+from shipyard.spec.cluster import ClusterSpec
 from shipyard.spec.job import JobSpec
 from shipyard.train.checkpoint import STATE_SHAPING_FIELDS, latest_checkpoint
 from shipyard.train.worker import Fault, train_loop
 
 Metrics = dict[str, Any]
+METRICS_FILE = "metrics.jsonl"  # every reported row of every invocation, in order
 
 
 @dataclass
@@ -40,41 +50,56 @@ class TrainResult:
 def run_training(
     job: JobSpec,
     *,
+    cluster: ClusterSpec | None = None,
     on_metrics: Callable[[Metrics], None] | None = None,
     on_corpus: Callable[[Corpus], None] | None = None,
     stop_at_step: int | None = None,
     fault: Fault | None = None,
-    shards: CorpusShards | None = None,
+    corpus: Corpus | None = None,
     start_checkpoint: str | None = None,
 ) -> TrainResult:
     """Train `job` on the Ray cluster this process is connected to; resumes if it can.
 
+    With `cluster` (the cluster YAML of the Ray cluster joined) ranks are placed on the node
+    types the plan picks, with its layer and batch splits; without, the job runs as written.
     `stop_at_step` ends this invocation early (with a checkpoint) so a later run can continue.
-    `shards` reuses a corpus already built and split for the job's data and data-parallel size;
-    `start_checkpoint` starts a new run from a checkpoint of the same model layout (a sweep
-    trial continuing another trial's).
+    `corpus` reuses a corpus already built for the job's data; `start_checkpoint` starts a new
+    run from a checkpoint of the same model layout (a sweep trial continuing another trial's).
     """
-    plan = make_plan(job)
+    plan = make_plan(job, cluster)
     check_resources(plan, ray.cluster_resources())
     check_resumable(job)
-    if shards is None:
-        shards = shard_corpus(
-            build_corpus(job.data, job.model.sequence_length), plan.data_parallel_size
-        )
-    check_enough_data(shards.corpus, plan, job)
+    if corpus is None:
+        corpus = build_corpus(job.data, job.model.sequence_length)
+    check_enough_data(corpus, plan, job)
     if on_corpus:
-        on_corpus(shards.corpus)
+        on_corpus(corpus)
     metrics_queue = Queue(actor_options={"num_cpus": 0})
-    trainer = build_trainer(job, plan, shards, metrics_queue, stop_at_step, fault, start_checkpoint)
+    trainer = build_trainer(job, plan, corpus, metrics_queue, stop_at_step, fault, start_checkpoint)
     result = TrainResult()
+    record = metrics_recorder(job, on_metrics)
     try:
-        outcome = _fit_forwarding_metrics(trainer, metrics_queue, result.history, on_metrics)
+        outcome = _fit_forwarding_metrics(trainer, metrics_queue, result.history, record)
     except ray.train.TrainingFailedError as error:
         raise TrainingError(f"training job {job.name!r} failed: {_worker_message(error)}") from None
     finally:
         ray.kill(metrics_queue.actor)
     result.checkpoint_path = outcome.checkpoint.path if outcome.checkpoint else None
     return result
+
+
+def metrics_recorder(job: JobSpec, on_metrics) -> Callable[[Metrics], None]:
+    """Appends each metrics row to `<storage>/<name>/metrics.jsonl`, then calls `on_metrics`."""
+    path = Path(job.storage) / job.name / METRICS_FILE
+
+    def record(row: Metrics) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as file:
+            file.write(json.dumps(row) + "\n")
+        if on_metrics:
+            on_metrics(row)
+
+    return record
 
 
 def _fit_forwarding_metrics(trainer, metrics_queue, history, on_metrics) -> ray.train.Result:
@@ -117,7 +142,7 @@ def _forward(metrics_queue, history, on_metrics, timeout: float | None) -> bool:
 def build_trainer(
     job: JobSpec,
     plan: ParallelPlan,
-    shards: CorpusShards,
+    corpus: Corpus,
     metrics_queue: Queue,
     stop_at_step: int | None = None,
     fault: Fault | None = None,
@@ -141,6 +166,7 @@ def build_trainer(
             num_workers=plan.num_workers,
             use_gpu=plan.device == "cuda",
             resources_per_worker=resources,
+            label_selector=placement(plan),
         ),
         run_config=RunConfig(
             name=job.name,
@@ -149,9 +175,22 @@ def build_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
             callbacks=[ForwardMetrics(metrics_queue)],
         ),
-        datasets=shards.datasets(),
-        dataset_config=DataParallelShards(shards),
+        # Every rank reads the whole corpus and takes its replica's slice of each global batch.
+        datasets={"train": corpus.train, "validation": corpus.validation},
+        dataset_config=DataConfig(datasets_to_split=[]),
     )
+
+
+def placement(plan: ParallelPlan) -> list[dict[str, str]] | None:
+    """Per rank, the node labels of the node type the plan put it on (Ray Train's per-worker
+    label selectors), on a cluster with more than one node type.
+
+    Ray Train numbers ranks by node in bundle order, and the plan lists each node type's ranks
+    together, so rank r lands on plan rank r's node type; each worker checks that it did.
+    """
+    if not plan.select_nodes:
+        return None  # one node type: any node with the resources will do
+    return [dict(rank.node_selector) for rank in plan.ranks]
 
 
 class ForwardMetrics(UserCallback):
@@ -200,18 +239,19 @@ def check_resumable(job: JobSpec) -> None:
 
 
 def check_enough_data(corpus: Corpus, plan: ParallelPlan, job: JobSpec) -> None:
-    """Every data-parallel replica needs at least one full micro-batch of each split."""
+    """Each split needs at least one global micro-batch (every replica's share of one)."""
+    needed = plan.global_batch_size // plan.gradient_accumulation
     for split, windows in (
         ("training", corpus.train_windows),
         ("validation", corpus.validation_windows),
     ):
-        per_replica = windows // plan.data_parallel_size
-        if per_replica < plan.micro_batch_size:
+        if windows < needed:
             raise SpecError(
                 f"data.source: {corpus.source!r} gives {windows} {split} windows of "
-                f"{job.model.sequence_length + 1} tokens, {per_replica} per data-parallel replica, "
-                f"fewer than train.micro_batch_size {plan.micro_batch_size}. To fix: use more "
-                "text (data.max_bytes), a shorter model.sequence_length or a smaller micro-batch."
+                f"{job.model.sequence_length + 1} tokens, fewer than the {needed} one micro-step "
+                f"takes (train.micro_batch_size {plan.micro_batch_size} × "
+                f"{plan.data_parallel_size} replicas). To fix: use more text (data.max_bytes), "
+                "a shorter model.sequence_length or a smaller micro-batch."
             )
 
 

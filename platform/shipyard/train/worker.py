@@ -22,7 +22,12 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from shipyard.data.shards import evaluation_batches, load_shard, training_batches
+from shipyard.data.batches import (
+    evaluation_batches,
+    load_windows,
+    replica_slices,
+    training_batches,
+)
 from shipyard.models.gpt import language_model_loss
 from shipyard.plan.plan import ParallelPlan
 from shipyard.spec.job import JobSpec
@@ -80,11 +85,22 @@ class Worker:
         self.rank = ray.train.get_context().get_world_rank()
         self.device = _device(plan)
         deepspeed.init_distributed(dist_backend=plan.backend)
-        self.engine = build_engine(job, plan, deepspeed_config(plan, job.train))
+        self.placement = check_placement(plan, self.rank)
+        # This rank's replica and its share of every global micro-batch (the plan may give a
+        # faster device more); its loss weight makes DeepSpeed's plain average over replicas
+        # the average over all samples of the global batch.
+        micro = plan.replica_micro_batches or (plan.micro_batch_size,) * plan.data_parallel_size
+        self.global_micro_batch = sum(micro)
+        replica = self.rank % plan.data_parallel_size
+        self.slice = replica_slices(micro)[replica]
+        self.sample_share = micro[replica] / self.global_micro_batch
+        self.loss_weight = self.sample_share * plan.data_parallel_size
+        config = deepspeed_config(plan, job.train, micro_batch_size=micro[replica])
+        self.engine = build_engine(job, plan, config)
         self.pipelined = plan.pipeline_stages > 1
         self.step = self._restore(start_checkpoint)
-        self.train_windows = load_shard(ray.train.get_dataset_shard("train"))
-        self.validation_windows = load_shard(ray.train.get_dataset_shard("validation"))
+        self.train_windows = load_windows(ray.train.get_dataset_shard("train"))
+        self.validation_windows = load_windows(ray.train.get_dataset_shard("validation"))
 
     def run(self) -> None:
         """Train until the final step, reporting metrics and checkpoints on the job's cadence."""
@@ -111,9 +127,11 @@ class Worker:
                 "lr": self.engine.get_lr()[0],
                 "step_time_s": step_time,
                 "tokens_per_s": self.tokens_per_step / step_time,
-                "epoch": self.step * self.plan.global_batch_size / self._train_windows_total(),
+                "epoch": self.step * self.plan.global_batch_size / len(self.train_windows),
                 "resumed_from_step": resumed_from,
             }
+            if self.step == resumed_from + 1 or self.step <= self.train.log_every:
+                metrics["node_types"] = self.placement  # where each rank really runs
             if self.step % self.train.eval_every == 0 or self.step == self.final_step:
                 metrics.update(self._evaluate())
             self._report(metrics)
@@ -127,7 +145,7 @@ class Worker:
         for _ in range(self.plan.gradient_accumulation):
             inputs, targets = next(batches)
             loss = language_model_loss(self.engine(inputs), targets)
-            self.engine.backward(loss)
+            self.engine.backward(loss * self.loss_weight)
             self.engine.step()
             total += loss.item()
         return total / self.plan.gradient_accumulation
@@ -135,21 +153,22 @@ class Worker:
     def _micro_batches(self):
         skip = self.step * self.plan.gradient_accumulation
         for tokens in training_batches(
-            self.train_windows, self.plan.micro_batch_size, self.train.seed, skip
+            self.train_windows, self.global_micro_batch, self.train.seed, skip
         ):
-            tokens = tokens.to(self.device)
+            tokens = tokens[self.slice].to(self.device)
             yield tokens[:, :-1], tokens[:, 1:]
 
     def _evaluate(self) -> dict[str, float]:
         batches = [
             (tokens[:, :-1].to(self.device), tokens[:, 1:].to(self.device))
             for tokens in evaluation_batches(
-                self.validation_windows, self.plan.micro_batch_size, self.train.eval_batches
+                self.validation_windows, self.global_micro_batch, self.train.eval_batches
             )
+            for tokens in [tokens[self.slice]]
         ]
         if self.pipelined:
             loss = self.engine.eval_batch(iter(batches), num_micro_batches=len(batches))
-            return {"val_loss": float(loss)}
+            return {"val_loss": self._mean_over_replicas(float(loss), pipeline_output=True)}
         self.engine.eval()
         with torch.no_grad():
             losses = [language_model_loss(self.engine(x), y).item() for x, y in batches]
@@ -196,16 +215,18 @@ class Worker:
             or self.step == self.final_step
         )
 
-    def _mean_over_replicas(self, value: float) -> float:
-        """Average a per-rank scalar over all ranks (pipeline losses are already global)."""
-        if self.pipelined or dist.get_world_size() == 1:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor)
-        return tensor.item() / dist.get_world_size()
+    def _mean_over_replicas(self, value: float, pipeline_output: bool = False) -> float:
+        """A per-replica mean over samples, as the mean over all samples of the global batch.
 
-    def _train_windows_total(self) -> int:
-        return len(self.train_windows) * self.plan.data_parallel_size
+        A pipeline's training loss is already averaged over replicas by DeepSpeed; its
+        evaluation loss is per replica, the same on every stage of it.
+        """
+        if dist.get_world_size() == 1 or (self.pipelined and not pipeline_output):
+            return value
+        stages = self.plan.pipeline_stages if pipeline_output else 1
+        tensor = torch.tensor([value * self.sample_share], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.item() / stages
 
     def _maybe_fail(self) -> None:
         fault = self.fault
@@ -219,6 +240,28 @@ class Worker:
                 )
                 marker.write_text(f"rank {self.rank} exited at step {self.step}\n")
                 os._exit(1)
+
+
+def check_placement(plan: ParallelPlan, rank: int) -> list[str]:
+    """Every rank's node type, from the labels of the node Ray actually put it on.
+
+    Ray Train numbers ranks by node, so rank r need not sit on the r-th bundle's node; the plan
+    only holds if each rank finds itself on the node type the plan gave that rank number.
+    """
+    if not plan.ranks:
+        return []
+    labels = ray.get_runtime_context().get_node_labels()
+    planned = plan.ranks[rank]
+    on_plan = not plan.select_nodes or all(  # one node type: every node is of it
+        labels.get(key) == value for key, value in planned.node_selector.items()
+    )
+    here = planned.node_type if on_plan else f"a node labelled {labels}"
+    everywhere: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(everywhere, here)
+    wanted = [each.node_type for each in plan.ranks]
+    if plan.select_nodes and everywhere != wanted:
+        raise RuntimeError(f"Ray placed the ranks on {everywhere}, but the plan needs {wanted}")
+    return everywhere
 
 
 def _device(plan: ParallelPlan) -> torch.device:
