@@ -5,15 +5,22 @@ how much slower (by the same time model) two baselines are:
 - uniform: every device of the cluster, layers and samples split evenly (the best such layout
   over pipeline depth, ZeRO stage, accumulation and offload);
 - best homogeneous subset: the fastest plan on one node type alone.
-Also print how long planning took. Part 2 (predicted vs measured step time on this machine)
-needs `shipyard plan --profile` and lands with it.
+Also print how long planning took.
 
-    .venv/bin/python benchmarks/planner.py
+Part 2 (`--measure`): on this machine, profile the model's block on the CPU as a worker sees
+it, then train several real layouts (ZeRO stages, a 2-stage pipeline, micro-batch sizes) on the
+embedded Ray and print the planner's predicted step time against the measured one.
+
+    .venv/bin/python benchmarks/planner.py [--measure]
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import logging
+import statistics
+import tempfile
 import time
 
 from shipyard.errors import ResourceError
@@ -91,6 +98,15 @@ def ratio(baseline: float | None, planned: float) -> str:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--measure", action="store_true", help="also part 2 (trains, minutes)")
+    args = parser.parse_args()
+    compare_layouts()
+    if args.measure:
+        measure_predictions()
+
+
+def compare_layouts() -> None:
     clusters = [
         (load_cluster("cluster/aws_hetero.yaml"), "fp16"),
         (cluster("a100x8+l4x8", {"a100": ("p4d.24xlarge", 1), "l4": ("g6.48xlarge", 1)}), "bf16"),
@@ -129,6 +145,73 @@ def main() -> None:
                 f"{chosen.plan.estimate.tokens_per_second:10,.0f}  {ratio(uniform, planned):>12s} "
                 f"{ratio(subset, planned):>11s} {planning:8.2f}s  {chosen.summary}"
             )
+
+
+MEASURED_LAYOUTS = {
+    "ZeRO-1, micro 8": {"zero_stage": 1, "micro_batch_size": 8},
+    "ZeRO-1, micro 4": {"zero_stage": 1, "micro_batch_size": 4, "gradient_accumulation": 4},
+    "ZeRO-3, micro 8": {"zero_stage": 3, "micro_batch_size": 8},
+    "ZeRO-0, micro 16": {"zero_stage": 0, "micro_batch_size": 16, "gradient_accumulation": 1},
+    "pipeline 2, micro 4": {
+        "zero_stage": 1,
+        "pipeline_stages": 2,
+        "micro_batch_size": 4,
+        "gradient_accumulation": 8,
+    },
+}
+
+
+def measure_predictions(steps: int = 30) -> None:
+    """Predicted (profiled time model) against measured step time for real runs here."""
+    from shipyard.plan.plan import make_plan
+    from shipyard.plan.profile import profile_local_devices
+    from shipyard.runtime.local import start_local_ray
+    from shipyard.spec.cluster import local_cluster
+    from shipyard.train.trainer import run_training
+
+    start_local_ray(logging_level=logging.WARNING, log_to_driver=False)
+    storage = tempfile.mkdtemp(prefix="shipyard-planner-bench-")
+    base = local_job("profile", storage, {})
+    profile = profile_local_devices(base)[0]
+    profiles = {profile.key: profile}
+    print(
+        f"\nCPU worker profile: efficiency {profile.efficiency:.3f} of "
+        f"{profile.threads}-thread peak, half at {profile.half_efficiency_tokens:.0f} tokens"
+    )
+    print(f"{'layout':22s} {'predicted':>10s} {'measured':>10s} {'error':>7s}")
+    for name, train in MEASURED_LAYOUTS.items():
+        job = local_job(name, storage, {**train, "max_steps": steps})
+        predicted = make_plan(job, local_cluster(), profiles).estimate.step_seconds
+        result = run_training(job)
+        # Windows of log_every steps; the last one also pays for evaluation and a checkpoint.
+        windows = [row["step_time_s"] for row in result.history[1:-1]]
+        measured = statistics.median(windows)
+        print(
+            f"{name:22s} {predicted * 1000:8.0f}ms {measured * 1000:8.0f}ms "
+            f"{(predicted - measured) / measured:+7.0%}"
+        )
+
+
+def local_job(name: str, storage: str, train: dict) -> JobSpec:
+    """jobs/tiny-gpt.yaml's model on 2 CPU workers, with `train` changes."""
+    return JobSpec.model_validate(
+        {
+            "name": name.replace(" ", "-").replace(",", ""),
+            "model": {"layers": 4, "heads": 4, "width": 128, "sequence_length": 128},
+            "data": {"max_bytes": 1_000_000},
+            "train": {
+                "num_workers": 2,
+                "cpus_per_worker": 0.5,
+                "micro_batch_size": 8,
+                "gradient_accumulation": 2,
+                "log_every": 5,
+                "eval_every": 1000,
+                "checkpoint_every": 1000,
+                **train,
+            },
+            "storage": storage,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -95,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--explain", action="store_true", help="also show the best candidates and why others lost"
     )
+    plan.add_argument(
+        "--profile",
+        action="store_true",
+        help="time the model's layers on this machine's devices first (cached; later plans "
+        "use the measured speeds)",
+    )
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(command=_plan)
     return parser
@@ -103,13 +109,25 @@ def _parser() -> argparse.ArgumentParser:
 def _plan(args: argparse.Namespace, console: Console) -> int:
     from shipyard.plan.explain import explain_candidates
     from shipyard.plan.plan import candidates, make_plan
+    from shipyard.plan.profile import load_profiles, profile_local_devices, save_profile
     from shipyard.spec.cluster import local_cluster
     from shipyard.spec.load import load_cluster, load_job
 
     job = load_job(args.job)
     cluster = load_cluster(args.cluster) if args.cluster else local_cluster()
-    plan = make_plan(job, cluster)
-    ranked = candidates(job, cluster) if args.explain else []
+    if args.profile:
+        for measured in profile_local_devices(job):
+            where = save_profile(measured)
+            if not args.json:
+                console.print(
+                    f"profiled {measured.device} ({measured.precision}): efficiency "
+                    f"{measured.efficiency:.3f}, half at {measured.half_efficiency_tokens:.0f} "
+                    f"tokens per micro-batch; saved to {where}",
+                    highlight=False,
+                )
+    profiles = load_profiles(job)
+    plan = make_plan(job, cluster, profiles)
+    ranked = candidates(job, cluster, profiles=profiles) if args.explain else []
     if args.json:
         document = plan.to_dict()
         if args.explain:
@@ -185,15 +203,14 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
 
 
 def _train(args: argparse.Namespace, console: Console) -> int:
-    from shipyard.plan.plan import make_plan
     from shipyard.runtime.local import ray_runtime
     from shipyard.spec.load import load_cluster, load_job
-    from shipyard.train.trainer import check_resumable, run_training
+    from shipyard.train.trainer import check_resumable, plan_for, run_training
 
     job = load_job(args.job)  # decide first: a bad spec or cluster fails before Ray starts
     cluster = load_cluster(args.cluster) if args.cluster else None
     check_resumable(job)  # and so does a changed model that would resume a checkpoint
-    console.print(f"[bold]{job.name}[/]  {make_plan(job, cluster).explain()}", highlight=False)
+    console.print(f"[bold]{job.name}[/]  {plan_for(job, cluster).explain()}", highlight=False)
     final_step = min(job.train.max_steps, args.stop_at_step or job.train.max_steps)
     with ray_runtime(args.address, verbose=args.verbose), _progress(console) as progress:
         task = progress.add_task("starting Ray Train workers", total=final_step, status="")

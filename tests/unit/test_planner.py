@@ -277,3 +277,29 @@ def test_ranks_are_pinned_to_their_node_types_only_on_mixed_clusters():
     config = deepspeed_config(fake, job.train, micro_batch_size=slow)
     assert config["train_micro_batch_size_per_gpu"] == slow
     assert config["train_batch_size"] == slow * fake.gradient_accumulation * 2
+
+
+def test_profiling_measures_this_cpu_and_the_plan_uses_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SHIPYARD_CACHE", str(tmp_path))
+    job_file = tmp_path / "small.yaml"
+    small = {
+        "name": "small",
+        "model": {"layers": 2, "heads": 2, "width": 64, "sequence_length": 32},
+        "train": {"num_workers": 2, "cpus_per_worker": 0.5, "micro_batch_size": 4},
+    }
+    job_file.write_text(yaml.safe_dump(small))
+    job = load_job(job_file)
+    catalog = make_plan(job, local_cluster()).estimate.step_seconds
+
+    assert main(["plan", str(job_file), "--profile"]) == 0
+    assert "profiled CPU (fp32)" in capsys.readouterr().out
+    from shipyard.plan.profile import load_profiles
+
+    (profile,) = load_profiles(job).values()
+    assert 0 < profile.efficiency <= 1.5 and profile.half_efficiency_tokens >= 0
+    assert list(profile.seconds_by_micro_batch) == [1, 2, 4, 8, 16]
+    # More sequences per micro-batch never take less time.
+    times = list(profile.seconds_by_micro_batch.values())
+    assert times[-1] > times[0]
+    measured = make_plan(job, local_cluster(), load_profiles(job)).estimate.step_seconds
+    assert measured != catalog, "the measured curve replaces the catalog's"

@@ -44,7 +44,12 @@ def device_groups(cluster: ClusterSpec, train: TrainSpec) -> tuple[DeviceGroup, 
             for node in cluster.node_types
             if node.max_nodes and (group := _cpu_group(node, train.cpus_per_worker)).count
         ]
-    return tuple(sorted(groups, key=lambda group: -speed(group.device, train.precision)))
+    return fastest_first(groups, train.precision)
+
+
+def fastest_first(groups, precision: str) -> tuple[DeviceGroup, ...]:
+    """`groups` ordered by how fast their devices run `precision`."""
+    return tuple(sorted(groups, key=lambda group: -speed(group.device, precision)))
 
 
 def speed(device: hardware.Device, precision: str, tokens: float = 0) -> float:
@@ -76,9 +81,11 @@ def _cpu_group(node: NodeType, cpus_per_worker: float) -> DeviceGroup:
     slots = math.floor(node.cpus / cpus_per_worker + 1e-9)
     memory = node.memory_gib * HOST_MEMORY_USABLE / max(slots, 1)
     price = node.usd_per_hour / slots if node.usd_per_hour is not None and slots else None
+    # A worker computes with the torch threads Ray gives it: its whole CPUs, at least one.
+    threads = max(1, int(cpus_per_worker))
     return DeviceGroup(
         node_type=node.name,
-        device=hardware.cpu_device(cpus_per_worker, memory),
+        device=hardware.cpu_device(threads, memory),
         nodes=node.max_nodes,
         per_node=slots,
         count=node.max_nodes * slots,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from shipyard.errors import ResourceError
-from shipyard.plan.devices import DeviceGroup, device_groups, speed
+from shipyard.plan.devices import DeviceGroup, device_groups, fastest_first, speed
 from shipyard.plan.memory import GIB, model_size
 from shipyard.plan.partition import split_evenly
 from shipyard.plan.search import Layout, Scored, Workload, score
@@ -142,11 +142,16 @@ class ParallelPlan:
         return "\n".join(lines)
 
 
-def make_plan(job: JobSpec, cluster: ClusterSpec | None = None) -> ParallelPlan:
-    """The job's layout as written, or (given a cluster) the fastest placement that fits."""
+def make_plan(
+    job: JobSpec, cluster: ClusterSpec | None = None, profiles: dict | None = None
+) -> ParallelPlan:
+    """The job's layout as written, or (given a cluster) the fastest placement that fits.
+
+    `profiles` (from `plan.profile`) replace catalog speeds with measured ones where they match.
+    """
     if cluster is None:
         return _as_written(job)
-    ranked = candidates(job, cluster)
+    ranked = candidates(job, cluster, profiles=profiles)
     if not ranked or ranked[0].plan is None:
         raise ResourceError(_nothing_fits(job, cluster, ranked))
     return ranked[0].plan
@@ -162,7 +167,12 @@ class Candidate:
 
 
 def candidates(
-    job: JobSpec, cluster: ClusterSpec, *, even_splits: bool = False, every_device: bool = False
+    job: JobSpec,
+    cluster: ClusterSpec,
+    *,
+    even_splits: bool = False,
+    every_device: bool = False,
+    profiles: dict | None = None,
 ) -> list[Candidate]:
     """Every layout considered, fitting ones fastest first (cheaper first on a tie).
 
@@ -178,7 +188,12 @@ def candidates(
         job.model.activation_checkpointing,
         even_splits,
     )
-    usable = [g for g in device_groups(cluster, train) if speed(g.device, train.precision) > 0]
+    groups = device_groups(cluster, train)
+    if profiles:
+        from shipyard.plan.profile import calibrate
+
+        groups = fastest_first(calibrate(groups, job, profiles), train.precision)
+    usable = [g for g in groups if speed(g.device, train.precision) > 0]
     if not usable:
         raise ResourceError(
             f"{cluster.source}: no device of the cluster can train in {train.precision} "

@@ -170,7 +170,7 @@ def _split_layers(layout, work, grid, micro) -> tuple[int, ...] | str:
         )
     if work.size.layers < stages:
         return f"{work.size.layers} layers cannot fill {stages} pipeline stages"
-    head_share = _head_flops(work.size) / _block_flops(work.size, work.checkpointing)
+    head_share = _head_flops(work.size) / block_flops(work.size, work.checkpointing)
     fixed = [0.0] * (stages - 1) + [head_share]
     split = _split(work.size.layers, speeds, caps, fixed, work)
     if split is None:
@@ -261,7 +261,7 @@ def _speed(group: DeviceGroup, work: Workload, micro_batch_size: int = 0) -> flo
     return speed(group.device, work.precision, micro_batch_size * work.size.sequence_length)
 
 
-def _block_flops(size: ModelSize, checkpointing: bool) -> float:
+def block_flops(size: ModelSize, checkpointing: bool) -> float:
     """Training FLOPs of one block per token: 2 per parameter forward plus attention, ×3 (×4
     when the forward is recomputed)."""
     forward = 2 * size.block + 4 * size.sequence_length * size.width
@@ -276,7 +276,7 @@ def _step_time(layout, work, grid, ranks, layers) -> StepTime:
     size, stages, accumulation = work.size, len(grid), layout.gradient_accumulation
     per_micro = {}
     for rank in ranks:
-        flops = rank.layers * _block_flops(size, work.checkpointing)
+        flops = rank.layers * block_flops(size, work.checkpointing)
         if rank.stage == stages - 1:
             flops += _head_flops(size)
         tokens = rank.micro_batch_size * size.sequence_length

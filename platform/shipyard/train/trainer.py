@@ -66,7 +66,7 @@ def run_training(
     `corpus` reuses a corpus already built for the job's data; `start_checkpoint` starts a new
     run from a checkpoint of the same model layout (a sweep trial continuing another trial's).
     """
-    plan = make_plan(job, cluster)
+    plan = plan_for(job, cluster)
     check_resources(plan, ray.cluster_resources())
     check_resumable(job)
     if corpus is None:
@@ -86,6 +86,15 @@ def run_training(
         ray.kill(metrics_queue.actor)
     result.checkpoint_path = outcome.checkpoint.path if outcome.checkpoint else None
     return result
+
+
+def plan_for(job: JobSpec, cluster: ClusterSpec | None) -> ParallelPlan:
+    """The job as written, or placed on `cluster` with the measured speeds cached for it."""
+    if cluster is None:
+        return make_plan(job)
+    from shipyard.plan.profile import load_profiles
+
+    return make_plan(job, cluster, load_profiles(job))
 
 
 def metrics_recorder(job: JobSpec, on_metrics) -> Callable[[Metrics], None]:

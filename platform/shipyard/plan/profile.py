@@ -1,0 +1,189 @@
+"""Measured speed of the job's layers on the devices at hand (`shipyard plan --profile`).
+
+Catalog TFLOPs mislead: published planners' cost models miss by 20–30%. So Shipyard times one
+transformer block, forward and backward, at several micro-batch sizes on each local device
+type, and fits the two numbers its time model uses for that device:
+
+    achieved FLOP/s = peak × efficiency × tokens / (tokens + half_efficiency_tokens)
+
+(1 / achieved is linear in 1 / tokens, so a least-squares line gives both). Profiles are cached
+per device, thread count, precision and block shape; `shipyard plan` and `shipyard train` use a
+cached profile wherever one matches a device of the plan.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from shipyard import hardware
+from shipyard.plan.devices import DeviceGroup
+from shipyard.spec.job import JobSpec
+
+MICRO_BATCH_SIZES = (1, 2, 4, 8, 16)
+REPEATS = 5
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """What one device reached on one block shape, and the curve fitted to it."""
+
+    device: str  # catalog name ("CPU" for CPU workers)
+    threads: int  # CPU threads per worker (GPUs: 0)
+    precision: str
+    block: str  # the block shape measured: width, heads, sequence length
+    efficiency: float
+    half_efficiency_tokens: float
+    seconds_by_micro_batch: dict[int, float]  # one block, forward + backward
+
+    @property
+    def key(self) -> str:
+        return profile_key(self.device, self.threads, self.precision, self.block)
+
+
+def profile_key(device: str, threads: int, precision: str, block: str) -> str:
+    return f"{device}-{threads}t-{precision}-{block}"
+
+
+def block_shape(job: JobSpec) -> str:
+    model = job.model
+    return f"w{model.width}-h{model.heads}-s{model.sequence_length}"
+
+
+def cache_folder() -> Path:
+    """Where profiles are kept (SHIPYARD_CACHE, else ~/.cache/shipyard)."""
+    return Path(os.environ.get("SHIPYARD_CACHE", "~/.cache/shipyard")).expanduser() / "profiles"
+
+
+def save_profile(profile: DeviceProfile) -> Path:
+    folder = cache_folder()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{profile.key}.json"
+    path.write_text(json.dumps(asdict(profile), indent=2))
+    return path
+
+
+def load_profiles(job: JobSpec) -> dict[str, DeviceProfile]:
+    """Cached profiles of this job's block shape, by key."""
+    found = {}
+    for path in cache_folder().glob(f"*-{block_shape(job)}.json"):
+        data = json.loads(path.read_text())
+        data["seconds_by_micro_batch"] = {
+            int(micro): seconds for micro, seconds in data["seconds_by_micro_batch"].items()
+        }
+        profile = DeviceProfile(**data)
+        found[profile.key] = profile
+    return found
+
+
+def calibrate(
+    groups: tuple[DeviceGroup, ...], job: JobSpec, profiles: dict[str, DeviceProfile]
+) -> tuple[DeviceGroup, ...]:
+    """`groups` with measured efficiency curves where a profile of their device exists."""
+    calibrated = []
+    for group in groups:
+        device = group.device
+        threads = 0 if device.is_gpu else cpu_threads(job.train.cpus_per_worker)
+        key = profile_key(device.name, threads, job.train.precision, block_shape(job))
+        profile = profiles.get(key)
+        if profile and not group.simulated:
+            device = replace(
+                device,
+                efficiency=profile.efficiency,
+                half_efficiency_tokens=profile.half_efficiency_tokens,
+            )
+        calibrated.append(replace(group, device=device))
+    return tuple(calibrated)
+
+
+def cpu_threads(cpus_per_worker: float) -> int:
+    """The torch threads Ray gives a worker: its whole CPUs, at least one."""
+    return max(1, int(cpus_per_worker))
+
+
+def profile_local_devices(job: JobSpec) -> list[DeviceProfile]:
+    """Measure the job's block on this machine's CPU (as one worker sees it) and its GPU."""
+    import torch
+
+    threads = cpu_threads(job.train.cpus_per_worker)
+    profiles = [_profile(job, hardware.cpu_device(threads, 1.0), "cpu", threads)]
+    if torch.cuda.is_available():
+        name = _local_gpu_name()
+        if name:
+            profiles.append(_profile(job, hardware.gpu(name), "cuda", 0))
+    return profiles
+
+
+def _profile(job: JobSpec, device: hardware.Device, where: str, threads: int) -> DeviceProfile:
+    import torch
+
+    from shipyard.models.gpt import Block
+    from shipyard.plan.memory import model_size
+    from shipyard.plan.search import block_flops  # the time model's FLOPs
+
+    precision = job.train.precision
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    previous_threads = torch.get_num_threads()
+    if where == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        block = Block(job.model, seed=0).to(device=where, dtype=dtype)
+        seconds = {
+            micro: _time_block(block, job, micro, where, dtype) for micro in MICRO_BATCH_SIZES
+        }
+    finally:
+        torch.set_num_threads(previous_threads)
+    size = model_size(job.model)
+    flops_per_token = block_flops(size, checkpointing=False)
+    tokens = np.array([micro * size.sequence_length for micro in seconds], dtype=float)
+    achieved = flops_per_token * tokens / np.array(list(seconds.values()))
+    slope, intercept = np.polyfit(1.0 / tokens, 1.0 / achieved, 1)
+    peak = device.tflops[precision] * 1e12
+    efficiency = 1.0 / (intercept * peak) if intercept > 0 else achieved.max() / peak
+    half = max(slope / intercept, 0.0) if intercept > 0 else 0.0
+    return DeviceProfile(
+        device=device.name,
+        threads=threads,
+        precision=precision,
+        block=block_shape(job),
+        efficiency=float(efficiency),
+        half_efficiency_tokens=float(half),
+        seconds_by_micro_batch=seconds,
+    )
+
+
+def _time_block(block, job: JobSpec, micro: int, where: str, dtype) -> float:
+    """Median seconds of one forward and backward of `block` on `micro` sequences."""
+    import torch
+
+    shape = (micro, job.model.sequence_length, job.model.width)
+    inputs = torch.randn(shape, device=where, dtype=dtype, requires_grad=True)
+    times = []
+    for attempt in range(REPEATS + 2):  # the first two warm up allocators and kernels
+        if where == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        block(inputs).float().square().mean().backward()
+        if where == "cuda":
+            torch.cuda.synchronize()
+        if attempt >= 2:
+            times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+def _local_gpu_name() -> str | None:
+    """This machine's GPU as a catalog name (e.g. "NVIDIA A100-SXM4-80GB" -> "A100-80G")."""
+    import torch
+
+    name = torch.cuda.get_device_name(0).upper()
+    memory_gib = torch.cuda.get_device_properties(0).total_memory / hardware.GIB
+    for model, device in hardware.GPUS.items():
+        family = model.split("-")[0]
+        if family in name and abs(device.memory_gib - memory_gib) < 0.15 * device.memory_gib:
+            return model
+    return None
