@@ -40,7 +40,7 @@ bench: setup
 	$(PY) benchmarks/train_overhead.py
 	$(PY) benchmarks/serve_load.py
 	$(PY) benchmarks/sweep_efficiency.py
-	$(PY) benchmarks/planner.py
+	$(PY) benchmarks/planner.py --measure
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
