@@ -163,21 +163,36 @@ MEASURED_LAYOUTS = {
 
 def measure_predictions(steps: int = 30) -> None:
     """Predicted (profiled time model) against measured step time for real runs here."""
+    from shipyard.plan.framework import measure_engine_overhead
     from shipyard.plan.plan import make_plan
     from shipyard.plan.profile import profile_local_devices
     from shipyard.runtime.local import start_local_ray
     from shipyard.spec.cluster import local_cluster
     from shipyard.train.trainer import run_training
 
-    start_local_ray(logging_level=logging.WARNING, log_to_driver=False)
     storage = tempfile.mkdtemp(prefix="shipyard-planner-bench-")
     base = local_job("profile", storage, {})
-    profile = profile_local_devices(base)[0]
+    profile = profile_local_devices(base, engine=False)[0]
+    stages = sorted({train.get("zero_stage", 1) for train in MEASURED_LAYOUTS.values()})
+    overheads = {
+        str(stage): measure_engine_overhead(
+            local_job("profile", storage, {"zero_stage": stage}), profile.threads
+        )
+        for stage in stages
+    }
+    profile = dataclasses.replace(profile, engine_overhead=overheads)
     profiles = {profile.key: profile}
     print(
         f"\nCPU worker profile: efficiency {profile.efficiency:.3f} of "
-        f"{profile.threads}-thread peak, half at {profile.half_efficiency_tokens:.0f} tokens"
+        f"{profile.threads}-thread peak, half at {profile.half_efficiency_tokens:.0f} tokens; "
+        "DeepSpeed beyond the math: "
+        + ", ".join(
+            f"ZeRO-{stage} {o['micro_step'] * 1000:.0f}/{o['step'] * 1000:.0f} ms"
+            for stage, o in overheads.items()
+        )
+        + " (accumulating/stepping micro-step)"
     )
+    start_local_ray(logging_level=logging.WARNING, log_to_driver=False)
     print(f"{'layout':22s} {'predicted':>10s} {'measured':>10s} {'error':>7s}")
     for name, train in MEASURED_LAYOUTS.items():
         job = local_job(name, storage, {**train, "max_steps": steps})

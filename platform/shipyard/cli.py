@@ -119,10 +119,15 @@ def _plan(args: argparse.Namespace, console: Console) -> int:
         for measured in profile_local_devices(job):
             where = save_profile(measured)
             if not args.json:
+                engine = "".join(
+                    f"; ZeRO-{stage} engine +{o['micro_step'] * 1000:.0f} ms per micro-step, "
+                    f"+{o['step'] * 1000:.0f} ms per step"
+                    for stage, o in measured.engine_overhead.items()
+                )
                 console.print(
                     f"profiled {measured.device} ({measured.precision}): efficiency "
                     f"{measured.efficiency:.3f}, half at {measured.half_efficiency_tokens:.0f} "
-                    f"tokens per micro-batch; saved to {where}",
+                    f"tokens per micro-batch{engine}; saved to {where}",
                     highlight=False,
                 )
     profiles = load_profiles(job)

@@ -27,6 +27,11 @@ class Device:
     # Small micro-batches leave a device idle between kernels: at this many tokens per
     # micro-batch it reaches half its efficiency (a saturation curve t / (t + this)).
     half_efficiency_tokens: float = 512.0
+    # Measured by `--profile` (0: unknown, the time model then estimates communication and the
+    # optimizer instead): DeepSpeed's seconds beyond the math per micro-step that only
+    # accumulates, and per micro-step that also reduces gradients and steps the optimizer.
+    micro_step_overhead_s: float = 0.0
+    step_overhead_s: float = 0.0
 
     @property
     def is_gpu(self) -> bool:

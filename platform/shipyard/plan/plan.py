@@ -320,6 +320,7 @@ def _to_plan(job: JobSpec, cluster: ClusterSpec, scored: Scored, work: Workload)
             "pipeline transfer": step.pipeline_transfer,
             "gradient sync": step.gradient_sync,
             "optimizer": step.optimizer,
+            "DeepSpeed engine (measured)": step.engine,
         },
     )
     micro = scored.replica_micro_batches

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,8 @@ class DeviceProfile:
     efficiency: float
     half_efficiency_tokens: float
     seconds_by_micro_batch: dict[int, float]  # one block, forward + backward
+    # Per ZeRO stage measured: DeepSpeed's seconds beyond the math ("micro_step", "step").
+    engine_overhead: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -61,10 +63,15 @@ def cache_folder() -> Path:
 
 
 def save_profile(profile: DeviceProfile) -> Path:
+    """Cache `profile`, keeping engine overheads measured before for other ZeRO stages."""
     folder = cache_folder()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{profile.key}.json"
-    path.write_text(json.dumps(asdict(profile), indent=2))
+    data = asdict(profile)
+    if path.exists():
+        earlier = json.loads(path.read_text()).get("engine_overhead", {})
+        data["engine_overhead"] = {**earlier, **profile.engine_overhead}
+    path.write_text(json.dumps(data, indent=2))
     return path
 
 
@@ -92,10 +99,13 @@ def calibrate(
         key = profile_key(device.name, threads, job.train.precision, block_shape(job))
         profile = profiles.get(key)
         if profile and not group.simulated:
+            overhead = profile.engine_overhead.get(str(job.train.zero_stage), {})
             device = replace(
                 device,
                 efficiency=profile.efficiency,
                 half_efficiency_tokens=profile.half_efficiency_tokens,
+                micro_step_overhead_s=overhead.get("micro_step", 0.0),
+                step_overhead_s=overhead.get("step", 0.0),
             )
         calibrated.append(replace(group, device=device))
     return tuple(calibrated)
@@ -106,12 +116,23 @@ def cpu_threads(cpus_per_worker: float) -> int:
     return max(1, int(cpus_per_worker))
 
 
-def profile_local_devices(job: JobSpec) -> list[DeviceProfile]:
-    """Measure the job's block on this machine's CPU (as one worker sees it) and its GPU."""
+def profile_local_devices(job: JobSpec, engine: bool = True) -> list[DeviceProfile]:
+    """Measure the job's block on this machine's CPU (as one worker sees it) and its GPU;
+    with `engine`, also DeepSpeed's overhead at the job's ZeRO stage on the CPU."""
     import torch
 
     threads = cpu_threads(job.train.cpus_per_worker)
-    profiles = [_profile(job, hardware.cpu_device(threads, 1.0), "cpu", threads)]
+    device = hardware.cpu_device(threads, 1.0)
+    if engine:
+        # Timed in 2 concurrent ranks, as training runs: CPU workers share cores and memory.
+        from shipyard.plan.framework import measure_engine_overhead
+
+        measured = measure_engine_overhead(job, threads)
+        cpu = fit_profile(job, device, threads, measured.pop("block_seconds"))
+        cpu = replace(cpu, engine_overhead={str(job.train.zero_stage): measured})
+    else:
+        cpu = _profile(job, device, "cpu", threads)
+    profiles = [cpu]
     if torch.cuda.is_available():
         name = _local_gpu_name()
         if name:
@@ -120,24 +141,35 @@ def profile_local_devices(job: JobSpec) -> list[DeviceProfile]:
 
 
 def _profile(job: JobSpec, device: hardware.Device, where: str, threads: int) -> DeviceProfile:
+    return fit_profile(job, device, threads, block_seconds(job, where, threads))
+
+
+def block_seconds(job: JobSpec, where: str, threads: int) -> dict[int, float]:
+    """Seconds of one block's forward and backward at each micro-batch size, on `where`."""
     import torch
 
     from shipyard.models.gpt import Block
-    from shipyard.plan.memory import model_size
-    from shipyard.plan.search import block_flops  # the time model's FLOPs
 
-    precision = job.train.precision
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    dtype = dtype[job.train.precision]
     previous_threads = torch.get_num_threads()
     if where == "cpu":
         torch.set_num_threads(threads)
     try:
         block = Block(job.model, seed=0).to(device=where, dtype=dtype)
-        seconds = {
-            micro: _time_block(block, job, micro, where, dtype) for micro in MICRO_BATCH_SIZES
-        }
+        return {micro: _time_block(block, job, micro, where, dtype) for micro in MICRO_BATCH_SIZES}
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def fit_profile(
+    job: JobSpec, device: hardware.Device, threads: int, seconds: dict[int, float]
+) -> DeviceProfile:
+    """The efficiency curve through the measured block times."""
+    from shipyard.plan.memory import model_size
+    from shipyard.plan.search import block_flops  # the time model's FLOPs
+
+    precision = job.train.precision
     size = model_size(job.model)
     flops_per_token = block_flops(size, checkpointing=False)
     tokens = np.array([micro * size.sequence_length for micro in seconds], dtype=float)
