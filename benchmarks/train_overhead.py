@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -24,7 +23,9 @@ import torch.multiprocessing as mp
 from shipyard.data.batches import replica_slices, training_batches
 from shipyard.data.corpus import corpus_files, cut_windows, validation_stride
 from shipyard.models.gpt import GPT, language_model_loss
+from shipyard.plan.devices import cpu_threads
 from shipyard.plan.plan import make_plan
+from shipyard.runtime.local import free_port
 from shipyard.spec.job import JobSpec
 from shipyard.spec.load import load_job
 from shipyard.train.deepspeed_config import deepspeed_config
@@ -112,8 +113,7 @@ def baseline_worker(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
-    # Ray gives each worker as many threads as whole CPUs it holds (at least one); match it.
-    torch.set_num_threads(max(1, int(plan.cpus_per_worker)))
+    torch.set_num_threads(cpu_threads(plan.cpus_per_worker))  # as Ray gives its workers
     deepspeed.init_distributed(dist_backend="gloo")
     model = GPT(job.model, job.train.seed)
     engine, *_ = deepspeed.initialize(
@@ -160,12 +160,6 @@ def local_windows(job: JobSpec) -> np.ndarray:
         validation_stride(job.data.validation_fraction),
     )
     return cut["tokens"][~cut["validation"]]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _plan(args: argparse.Namespace, console: Console) -> int:
     from shipyard.plan.explain import explain_candidates
-    from shipyard.plan.plan import candidates, make_plan
+    from shipyard.plan.plan import candidates, chosen
     from shipyard.plan.profile import load_profiles, profile_local_devices, save_profile
     from shipyard.spec.cluster import local_cluster
     from shipyard.spec.load import load_cluster, load_job
@@ -130,9 +130,8 @@ def _plan(args: argparse.Namespace, console: Console) -> int:
                     f"tokens per micro-batch{engine}; saved to {where}",
                     highlight=False,
                 )
-    profiles = load_profiles(job)
-    plan = make_plan(job, cluster, profiles)
-    ranked = candidates(job, cluster, profiles=profiles) if args.explain else []
+    ranked = candidates(job, cluster, profiles=load_profiles(job))
+    plan = chosen(job, cluster, ranked)
     if args.json:
         document = plan.to_dict()
         if args.explain:
@@ -215,7 +214,8 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     job = load_job(args.job)  # decide first: a bad spec or cluster fails before Ray starts
     cluster = load_cluster(args.cluster) if args.cluster else None
     check_resumable(job)  # and so does a changed model that would resume a checkpoint
-    console.print(f"[bold]{job.name}[/]  {plan_for(job, cluster).explain()}", highlight=False)
+    plan = plan_for(job, cluster)
+    console.print(f"[bold]{job.name}[/]  {plan.explain()}", highlight=False)
     final_step = min(job.train.max_steps, args.stop_at_step or job.train.max_steps)
     with ray_runtime(args.address, verbose=args.verbose), _progress(console) as progress:
         task = progress.add_task("starting Ray Train workers", total=final_step, status="")
@@ -233,7 +233,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
 
         result = run_training(
             job,
-            cluster=cluster,
+            plan=plan,
             on_metrics=show,
             on_corpus=show_corpus,
             stop_at_step=args.stop_at_step,

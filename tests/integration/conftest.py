@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -91,13 +90,6 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def validation_loss(model, job: JobSpec, plan=None) -> float:
     """`job`'s validation loss as its workers compute it: the first global micro-batches of the
     validation windows, each replica's slice, weighted by its number of windows."""
@@ -109,7 +101,7 @@ def validation_loss(model, job: JobSpec, plan=None) -> float:
     from shipyard.plan.plan import make_plan
 
     plan = plan or make_plan(job)
-    micro = plan.replica_micro_batches or (plan.micro_batch_size,) * plan.data_parallel_size
+    micro = plan.micro_batches
     windows = load_windows(build_corpus(job.data, job.model.sequence_length).validation)
     total = 0.0
     batches = evaluation_batches(windows, sum(micro), job.train.eval_batches)

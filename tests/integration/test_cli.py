@@ -15,10 +15,11 @@ import pytest
 import requests
 import yaml
 
+from shipyard.runtime.local import free_port
 from shipyard.serve.export import load_exported_model, read_export
 from shipyard.serve.generation import GenerationRequest, TextGenerator
 from shipyard.train.checkpoint import saved_checkpoints
-from tests.integration.conftest import TINY_JOB, free_port, stop_process_group, wait_for
+from tests.integration.conftest import TINY_JOB, stop_process_group, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from shipyard.runtime.local import free_port
 from tests.conftest import REPO
-from tests.integration.conftest import TINY_JOB, free_port, stop_process_group, wait_for
+from tests.integration.conftest import TINY_JOB, stop_process_group, wait_for
 
 FAKE_CLUSTER = REPO / "cluster" / "fake_hetero.yaml"
 

@@ -9,6 +9,7 @@ import pytest
 import requests
 import torch
 
+from shipyard.runtime.local import free_port
 from shipyard.serve import deployment
 from shipyard.serve.app import DEPLOYMENT_NAME
 from shipyard.serve.deployment import Service, serve_status
@@ -16,7 +17,7 @@ from shipyard.serve.export import export_checkpoint, load_exported_model
 from shipyard.serve.generation import GenerationRequest, TextGenerator
 from shipyard.spec.job import ServeSpec
 from shipyard.train.checkpoint import latest_checkpoint
-from tests.integration.conftest import free_port, tiny_job, validation_loss, wait_for
+from tests.integration.conftest import tiny_job, validation_loss, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -58,6 +58,11 @@ def speed(device: hardware.Device, precision: str, tokens: float = 0) -> float:
     return device.achieved_flops(precision, tokens)
 
 
+def cpu_threads(cpus_per_worker: float) -> int:
+    """The torch threads Ray gives a CPU worker: its whole CPUs, at least one."""
+    return max(1, int(cpus_per_worker))
+
+
 def _gpu_group(node: NodeType) -> DeviceGroup:
     device = node.device
     assert device is not None  # the cluster loader refuses GPUs of unknown model
@@ -81,11 +86,9 @@ def _cpu_group(node: NodeType, cpus_per_worker: float) -> DeviceGroup:
     slots = math.floor(node.cpus / cpus_per_worker + 1e-9)
     memory = node.memory_gib * HOST_MEMORY_USABLE / max(slots, 1)
     price = node.usd_per_hour / slots if node.usd_per_hour is not None and slots else None
-    # A worker computes with the torch threads Ray gives it: its whole CPUs, at least one.
-    threads = max(1, int(cpus_per_worker))
     return DeviceGroup(
         node_type=node.name,
-        device=hardware.cpu_device(threads, memory),
+        device=hardware.cpu_device(cpu_threads(cpus_per_worker), memory),
         nodes=node.max_nodes,
         per_node=slots,
         count=node.max_nodes * slots,

@@ -13,12 +13,12 @@ and memory bandwidth, which an idle single process does not see.
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from shipyard.runtime.local import free_port
 from shipyard.spec.job import JobSpec
 
 RANKS = 2
@@ -37,7 +37,7 @@ def measure_engine_overhead(job: JobSpec, threads: int) -> dict:
         result = Path(folder) / "overhead.json"
         mp.spawn(
             _rank,
-            args=(job.model_dump(mode="json"), threads, _free_port(), str(result)),
+            args=(job.model_dump(mode="json"), threads, free_port(), str(result)),
             nprocs=RANKS,
             join=True,
         )
@@ -122,9 +122,3 @@ def _median(run, repeats: int = 5) -> float:
         run()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

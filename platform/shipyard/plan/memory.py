@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from shipyard.spec.job import ModelSpec
 
 GIB = 1024**3
-ACTIVATION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+VALUE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # one weight, gradient or activation
 DEEPSPEED_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce/all-gather bucket size
 
 
@@ -38,6 +38,15 @@ class ModelSize:
     @property
     def total(self) -> int:
         return self.embedding + self.block * self.layers + self.head
+
+    def held(self, layers: int, has_embedding: bool, has_head: bool) -> int:
+        """Parameters of a rank (or pipeline stage) holding `layers` blocks, and maybe the
+        embedding and the head."""
+        return (
+            layers * self.block
+            + (self.embedding if has_embedding else 0)
+            + (self.head if has_head else 0)
+        )
 
 
 def model_size(spec: ModelSpec) -> ModelSize:
@@ -98,7 +107,7 @@ def activation_bytes_per_layer(
     size: ModelSize, micro_batch_size: int, precision: str, checkpointing: bool
 ) -> float:
     """Activations one transformer block keeps for backward, per micro-batch."""
-    scale = ACTIVATION_BYTES[precision] / 2  # the paper's figures are for 16-bit activations
+    scale = VALUE_BYTES[precision] / 2  # the paper's figures are for 16-bit activations
     per_token = (2 if checkpointing else 34) * size.width
     return scale * per_token * size.sequence_length * micro_batch_size
 
@@ -107,7 +116,7 @@ def bucket_bytes(parameters: float, precision: str, zero_stage: int) -> float:
     """DeepSpeed's gradient reduce bucket (and ZeRO-3's prefetch), capped by the model size."""
     if zero_stage == 0:
         return 0.0
-    return min(parameters, DEEPSPEED_BUCKET_ELEMENTS) * ACTIVATION_BYTES[precision]
+    return min(parameters, DEEPSPEED_BUCKET_ELEMENTS) * VALUE_BYTES[precision]
 
 
 @dataclass(frozen=True)
@@ -147,11 +156,7 @@ def rank_memory(
     `in_flight` is how many micro-batches' activations wait for their backward: 1 without a
     pipeline; under 1F1B, stage i of p keeps min(p - i, micro-batches) of them.
     """
-    parameters = (
-        layers * size.block
-        + (size.embedding if has_embedding else 0)
-        + (size.head if has_head else 0)
-    )
+    parameters = size.held(layers, has_embedding, has_head)
     states = model_state_bytes(
         parameters,
         precision,
@@ -163,10 +168,10 @@ def rank_memory(
     kept = layers * activation_bytes_per_layer(size, micro_batch_size, precision, checkpointing)
     transient = bucket_bytes(parameters, precision, zero_stage)
     if zero_stage == 3:  # a block's gathered weights, and the next one prefetched
-        transient += 2 * size.block * ACTIVATION_BYTES[precision]
+        transient += 2 * size.block * VALUE_BYTES[precision]
     if checkpointing and layers:
         transient += activation_bytes_per_layer(size, micro_batch_size, precision, False)
     if has_head:
         tokens = size.sequence_length * micro_batch_size
-        transient += tokens * size.vocabulary_size * (ACTIVATION_BYTES[precision] + 8)
+        transient += tokens * size.vocabulary_size * (VALUE_BYTES[precision] + 8)
     return RankMemory(states, in_flight * kept, transient)

@@ -71,15 +71,19 @@ class ParallelPlan:
     select_nodes: bool = False  # the cluster has several node types: pin each rank to its own
 
     @property
+    def micro_batches(self) -> tuple[int, ...]:
+        """Each data-parallel replica's sequences per micro-batch."""
+        even = (self.micro_batch_size,) * self.data_parallel_size
+        return self.replica_micro_batches or even
+
+    @property
     def global_batch_size(self) -> int:
         """Sequences per optimizer step across all replicas."""
-        if self.replica_micro_batches:
-            return sum(self.replica_micro_batches) * self.gradient_accumulation
-        return self.micro_batch_size * self.gradient_accumulation * self.data_parallel_size
+        return sum(self.micro_batches) * self.gradient_accumulation
 
     @property
     def uneven_batches(self) -> bool:
-        return len(set(self.replica_micro_batches)) > 1
+        return len(set(self.micro_batches)) > 1
 
     @property
     def backend(self) -> str:
@@ -151,7 +155,11 @@ def make_plan(
     """
     if cluster is None:
         return _as_written(job)
-    ranked = candidates(job, cluster, profiles=profiles)
+    return chosen(job, cluster, candidates(job, cluster, profiles=profiles))
+
+
+def chosen(job: JobSpec, cluster: ClusterSpec, ranked: list[Candidate]) -> ParallelPlan:
+    """The best of `candidates(job, cluster)`, or why none fits and what would."""
     if not ranked or ranked[0].plan is None:
         raise ResourceError(_nothing_fits(job, cluster, ranked))
     return ranked[0].plan

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from shipyard import hardware
-from shipyard.plan.devices import DeviceGroup
+from shipyard.plan.devices import DeviceGroup, cpu_threads
 from shipyard.spec.job import JobSpec
 
 MICRO_BATCH_SIZES = (1, 2, 4, 8, 16)
@@ -109,11 +109,6 @@ def calibrate(
             )
         calibrated.append(replace(group, device=device))
     return tuple(calibrated)
-
-
-def cpu_threads(cpus_per_worker: float) -> int:
-    """The torch threads Ray gives a worker: its whole CPUs, at least one."""
-    return max(1, int(cpus_per_worker))
 
 
 def profile_local_devices(job: JobSpec, engine: bool = True) -> list[DeviceProfile]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shipyard.plan.devices import DeviceGroup, speed
-from shipyard.plan.memory import GIB, ModelSize, RankMemory, rank_memory
+from shipyard.plan.memory import GIB, VALUE_BYTES, ModelSize, RankMemory, rank_memory
 from shipyard.plan.partition import split_by_speed, split_evenly
 
 HOST_LINK_GB_PER_S = 12.0  # achieved PCIe host <-> device copy bandwidth
@@ -289,7 +289,7 @@ def _step_time(layout, work, grid, ranks, layers) -> StepTime:
     transfer = 0.0
     if stages > 1:
         activation = ranks[0].micro_batch_size * size.sequence_length * size.width
-        activation *= 2 if work.precision != "fp32" else 4
+        activation *= VALUE_BYTES[work.precision]
         links = [_link_between(layout, grid[s], grid[s + 1]) for s in range(stages - 1)]
         transfer = (accumulation + stages - 1) * 2 * activation / (min(links) * 1e9)
     if all(rank.group.device.step_overhead_s for rank in ranks):
@@ -306,20 +306,11 @@ def _step_time(layout, work, grid, ranks, layers) -> StepTime:
     return StepTime(compute, bubble, transfer, sync, _optimizer_time(layout, work, ranks))
 
 
-def _stage_parameters(size: ModelSize, layers: int, stage: int, stages: int) -> float:
-    return (
-        layers * size.block
-        + (size.embedding if stage == 0 else 0)
-        + (size.head if stage == stages - 1 else 0)
-    )
-
-
 def _gradient_sync(layout, work, devices, layers, stage, stages) -> float:
     dp = len(devices)
     if dp == 1:
         return 0.0
-    gradient_bytes = 4 if work.precision == "fp32" else 2
-    volume = _stage_parameters(work.size, layers, stage, stages) * gradient_bytes
+    volume = work.size.held(layers, stage == 0, stage == stages - 1) * VALUE_BYTES[work.precision]
     volume *= 2 * (dp - 1) / dp * (1.5 if layout.zero_stage == 3 else 1.0)
     return volume / (_slowest_link(layout, devices) * 1e9)
 
@@ -349,11 +340,10 @@ def _optimizer_time(layout: Layout, work: Workload, ranks) -> float:
     for rank in ranks:
         states = rank.memory.model_states
         if layout.offload_optimizer:  # ZeRO-Offload: Adam on the host over this rank's shard
-            parameters = _stage_parameters(work.size, rank.layers, rank.stage, stages)
+            parameters = work.size.held(rank.layers, rank.stage == 0, rank.stage == stages - 1)
             shard = parameters / layout.data_parallel_size
-            crossing = (
-                2 * shard * 2 / (HOST_LINK_GB_PER_S * 1e9)
-            )  # 16-bit gradients down, weights up
+            # 16-bit gradients cross down, 16-bit weights back up.
+            crossing = 2 * shard * 2 / (HOST_LINK_GB_PER_S * 1e9)
             seconds = shard / HOST_ADAM_PARAMETERS_PER_S + crossing
         else:
             bandwidth = rank.group.device.memory_bandwidth_gb_per_s * 1e9

@@ -50,7 +50,7 @@ def start_local_ray(**init_options) -> None:
     """
     import ray
 
-    address = f"{ray.util.get_node_ip_address()}:{_free_port()}"
+    address = f"{ray.util.get_node_ip_address()}:{free_port(host='')}"
     pinned = {"RAY_GCS_SERVER_PORT": address.rsplit(":", 1)[1], "RAY_ADDRESS": address}
     saved = {name: os.environ.get(name) for name in pinned}
     os.environ.update(pinned)
@@ -66,9 +66,10 @@ def start_local_ray(**init_options) -> None:
                 os.environ[name] = value
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on `host` ("" for every interface) that nothing listens on right now."""
     with socket.socket() as probe:
-        probe.bind(("", 0))
+        probe.bind((host, 0))
         return probe.getsockname()[1]
 
 

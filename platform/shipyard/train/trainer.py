@@ -50,7 +50,7 @@ class TrainResult:
 def run_training(
     job: JobSpec,
     *,
-    cluster: ClusterSpec | None = None,
+    plan: ParallelPlan | None = None,
     on_metrics: Callable[[Metrics], None] | None = None,
     on_corpus: Callable[[Corpus], None] | None = None,
     stop_at_step: int | None = None,
@@ -60,13 +60,13 @@ def run_training(
 ) -> TrainResult:
     """Train `job` on the Ray cluster this process is connected to; resumes if it can.
 
-    With `cluster` (the cluster YAML of the Ray cluster joined) ranks are placed on the node
-    types the plan picks, with its layer and batch splits; without, the job runs as written.
+    `plan` is the job placed on the joined cluster (`plan_for`): ranks go to the node types it
+    picks, with its layer and batch splits; without one, the job runs as written.
     `stop_at_step` ends this invocation early (with a checkpoint) so a later run can continue.
     `corpus` reuses a corpus already built for the job's data; `start_checkpoint` starts a new
     run from a checkpoint of the same model layout (a sweep trial continuing another trial's).
     """
-    plan = plan_for(job, cluster)
+    plan = plan or make_plan(job)
     check_resources(plan, ray.cluster_resources())
     check_resumable(job)
     if corpus is None:
@@ -249,7 +249,7 @@ def check_resumable(job: JobSpec) -> None:
 
 def check_enough_data(corpus: Corpus, plan: ParallelPlan, job: JobSpec) -> None:
     """Each split needs at least one global micro-batch (every replica's share of one)."""
-    needed = plan.global_batch_size // plan.gradient_accumulation
+    needed = sum(plan.micro_batches)
     for split, windows in (
         ("training", corpus.train_windows),
         ("validation", corpus.validation_windows),

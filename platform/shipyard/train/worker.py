@@ -89,7 +89,7 @@ class Worker:
         # This rank's replica and its share of every global micro-batch (the plan may give a
         # faster device more); its loss weight makes DeepSpeed's plain average over replicas
         # the average over all samples of the global batch.
-        micro = plan.replica_micro_batches or (plan.micro_batch_size,) * plan.data_parallel_size
+        micro = plan.micro_batches
         self.global_micro_batch = sum(micro)
         replica = self.rank % plan.data_parallel_size
         self.slice = replica_slices(micro)[replica]
@@ -110,6 +110,7 @@ class Worker:
         resumed_from = self.step
         batches = self._micro_batches()
         window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+        reported = False
         while self.step < self.final_step:
             torch.manual_seed(_step_seed(self.train.seed, self.step, self.rank))  # dropout
             window_loss += self._optimizer_step(batches)
@@ -130,11 +131,12 @@ class Worker:
                 "epoch": self.step * self.plan.global_batch_size / len(self.train_windows),
                 "resumed_from_step": resumed_from,
             }
-            if self.step == resumed_from + 1 or self.step <= self.train.log_every:
-                metrics["node_types"] = self.placement  # where each rank really runs
+            if not reported:  # the first report of this run says where each rank really runs
+                metrics["node_types"] = self.placement
             if self.step % self.train.eval_every == 0 or self.step == self.final_step:
                 metrics.update(self._evaluate())
             self._report(metrics)
+            reported = True
             window_loss, window_steps = 0.0, 0
 
     def _optimizer_step(self, batches) -> float:
@@ -159,13 +161,13 @@ class Worker:
             yield tokens[:, :-1], tokens[:, 1:]
 
     def _evaluate(self) -> dict[str, float]:
-        batches = [
-            (tokens[:, :-1].to(self.device), tokens[:, 1:].to(self.device))
+        mine = [
+            tokens[self.slice].to(self.device)
             for tokens in evaluation_batches(
                 self.validation_windows, self.global_micro_batch, self.train.eval_batches
             )
-            for tokens in [tokens[self.slice]]
         ]
+        batches = [(tokens[:, :-1], tokens[:, 1:]) for tokens in mine]
         if self.pipelined:
             loss = self.engine.eval_batch(iter(batches), num_micro_batches=len(batches))
             return {"val_loss": self._mean_over_replicas(float(loss), pipeline_output=True)}
