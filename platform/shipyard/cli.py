@@ -98,8 +98,12 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--profile",
         action="store_true",
-        help="time the model's layers on this machine's devices first (cached; later plans "
-        "use the measured speeds)",
+        help="first time the model in Ray Train workers on each node type that is up (this "
+        "machine, or the cluster at --address); cached, later plans and trains use it",
+    )
+    plan.add_argument(
+        "--address",
+        help="Ray cluster to profile with --profile (default: RAY_ADDRESS, else this machine)",
     )
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(command=_plan)
@@ -109,27 +113,14 @@ def _parser() -> argparse.ArgumentParser:
 def _plan(args: argparse.Namespace, console: Console) -> int:
     from shipyard.plan.explain import explain_candidates
     from shipyard.plan.plan import candidates, chosen
-    from shipyard.plan.profile import load_profiles, profile_local_devices, save_profile
+    from shipyard.plan.profile import load_profiles
     from shipyard.spec.cluster import local_cluster
     from shipyard.spec.load import load_cluster, load_job
 
     job = load_job(args.job)
     cluster = load_cluster(args.cluster) if args.cluster else local_cluster()
     if args.profile:
-        for measured in profile_local_devices(job):
-            where = save_profile(measured)
-            if not args.json:
-                engine = "".join(
-                    f"; ZeRO-{stage} engine +{o['micro_step'] * 1000:.0f} ms per micro-step, "
-                    f"+{o['step'] * 1000:.0f} ms per step"
-                    for stage, o in measured.engine_overhead.items()
-                )
-                console.print(
-                    f"profiled {measured.device} ({measured.precision}): efficiency "
-                    f"{measured.efficiency:.3f}, half at {measured.half_efficiency_tokens:.0f} "
-                    f"tokens per micro-batch{engine}; saved to {where}",
-                    highlight=False,
-                )
+        _profile(job, cluster, args, console)
     ranked = candidates(job, cluster, profiles=load_profiles(job))
     plan = chosen(job, cluster, ranked)
     if args.json:
@@ -151,6 +142,33 @@ def _plan(args: argparse.Namespace, console: Console) -> int:
     if args.explain:
         console.print(explain_candidates(ranked), highlight=False)
     return 0
+
+
+def _profile(job, cluster, args: argparse.Namespace, console: Console) -> None:
+    """Time the job on the cluster joined with --address (else this machine) and cache it."""
+    from shipyard.plan.profile import save_profile
+    from shipyard.plan.profiler import profile_cluster
+    from shipyard.runtime.local import ray_runtime
+    from shipyard.spec.cluster import local_cluster
+
+    joined = args.address or os.environ.get("RAY_ADDRESS")
+    with ray_runtime(args.address):
+        profiles, skipped = profile_cluster(job, cluster if joined else local_cluster())
+    show = (lambda line: None) if args.json else (lambda line: console.print(line, highlight=False))
+    for line in skipped:
+        show(f"not profiled: {line}")
+    for measured in profiles:
+        where = save_profile(measured)
+        engine = "".join(
+            f"; ZeRO-{stage} engine +{o['micro_step'] * 1000:.0f} ms per micro-step, "
+            f"+{o['step'] * 1000:.0f} ms per step"
+            for stage, o in measured.engine_overhead.items()
+        )
+        show(
+            f"profiled {measured.device} ({measured.precision}): efficiency "
+            f"{measured.efficiency:.3f}, half at {measured.half_efficiency_tokens:.0f} "
+            f"tokens per micro-batch{engine}; saved to {where}"
+        )
 
 
 def _sweep(args: argparse.Namespace, console: Console) -> int:

@@ -8,7 +8,8 @@ dense (no sparsity) peaks; real throughput is lower, which is what `efficiency` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import itertools
+from dataclasses import dataclass, field, replace
 
 GIB = 1024**3
 
@@ -32,6 +33,9 @@ class Device:
     # accumulates, and per micro-step that also reduces gradients and steps the optimizer.
     micro_step_overhead_s: float = 0.0
     step_overhead_s: float = 0.0
+    # Measured by `--profile`, per precision: (tokens per micro-batch, FLOP/s reached),
+    # ascending. Where present they replace the curve; CPU caches do not saturate smoothly.
+    measured_flops: dict[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)
 
     @property
     def is_gpu(self) -> bool:
@@ -44,8 +48,24 @@ class Device:
         """FLOP/s this device reaches on micro-batches of `tokens` tokens (0 if unsupported)."""
         if precision not in self.tflops:
             return 0.0
+        if precision in self.measured_flops:
+            return self._interpolated_flops(self.measured_flops[precision], tokens)
         saturation = tokens / (tokens + self.half_efficiency_tokens) if tokens else 1.0
         return self.tflops[precision] * 1e12 * self.efficiency * saturation
+
+    def _interpolated_flops(self, points, tokens: float) -> float:
+        """Linear between measured points; the curve's shape below the first; the last above
+        it (and for "large micro-batches", tokens 0)."""
+        first_tokens, first_flops = points[0]
+        if not tokens or tokens >= points[-1][0]:
+            return points[-1][1]
+        if tokens <= first_tokens:
+            half = self.half_efficiency_tokens
+            return first_flops * (tokens / (tokens + half)) / (first_tokens / (first_tokens + half))
+        for (t0, f0), (t1, f1) in itertools.pairwise(points):
+            if tokens <= t1:
+                return f0 + (f1 - f0) * (tokens - t0) / (t1 - t0)
+        raise AssertionError("unreachable: tokens is below the last point")
 
 
 def _gpu(name, memory_gib, fp32, bf16, fp16, bandwidth, link, link_gb_per_s) -> Device:

@@ -21,6 +21,8 @@ from shipyard.runtime.local import free_port
 from tests.conftest import REPO
 from tests.integration.conftest import TINY_JOB, stop_process_group, wait_for
 
+pytestmark = pytest.mark.integration
+
 FAKE_CLUSTER = REPO / "cluster" / "fake_hetero.yaml"
 
 

@@ -1,7 +1,8 @@
-"""`shipyard plan --profile`: real timings on this machine (DeepSpeed on 2 gloo ranks; no Ray)."""
+"""`shipyard plan --profile`: real timings in Ray Train workers on this machine (DeepSpeed, gloo)."""
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from shipyard.cli import main
@@ -10,8 +11,12 @@ from shipyard.plan.profile import load_profiles
 from shipyard.spec.cluster import local_cluster
 from shipyard.spec.load import load_job
 
+pytestmark = pytest.mark.integration
 
-def test_profiling_measures_this_cpu_and_the_plan_uses_it(tmp_path, monkeypatch, capsys):
+
+def test_profiling_measures_this_cpu_and_the_plan_uses_it(
+    ray_session, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("SHIPYARD_CACHE", str(tmp_path))
     job_file = tmp_path / "small.yaml"
     small = {
@@ -28,6 +33,7 @@ def test_profiling_measures_this_cpu_and_the_plan_uses_it(tmp_path, monkeypatch,
     (profile,) = load_profiles(job).values()
     assert 0 < profile.efficiency <= 1.5 and profile.half_efficiency_tokens >= 0
     assert list(profile.seconds_by_micro_batch) == [1, 2, 4, 8, 16]
+    assert profile.threads == 1, "the thread count Ray gives a worker of half a CPU"
     # More sequences per micro-batch never take less time.
     times = list(profile.seconds_by_micro_batch.values())
     assert times[-1] > times[0]

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from shipyard import SpecError
+from shipyard import SpecError, hardware
 from shipyard.cli import main
 from shipyard.errors import ResourceError
 from shipyard.models.gpt import GPT
@@ -280,14 +280,17 @@ def test_ranks_are_pinned_to_their_node_types_only_on_mixed_clusters():
 
 
 def test_a_measured_curve_replaces_the_catalogs(tmp_path, monkeypatch):
-    from shipyard.plan.profile import load_profiles, profile_local_devices, save_profile
+    from shipyard.plan.devices import cpu_threads
+    from shipyard.plan.profile import block_seconds, fit_profile, load_profiles, save_profile
 
     monkeypatch.setenv("SHIPYARD_CACHE", str(tmp_path))
     job = JobSpec.model_validate(
         {"name": "small", "model": {"layers": 2, "heads": 2, "width": 64, "sequence_length": 32}}
     )
     catalog = make_plan(job, local_cluster()).estimate
-    (profile,) = profile_local_devices(job, engine=False)
+    threads = cpu_threads(job.train.cpus_per_worker)
+    cpu = hardware.cpu_device(threads, 1.0)
+    profile = fit_profile(job, cpu, threads, block_seconds(job, "cpu", threads))
     assert 0 < profile.efficiency <= 1.5 and profile.half_efficiency_tokens >= 0
     times = list(profile.seconds_by_micro_batch.values())
     assert times[-1] > times[0], "16 sequences take longer than 1"
@@ -295,3 +298,60 @@ def test_a_measured_curve_replaces_the_catalogs(tmp_path, monkeypatch):
     measured = make_plan(job, local_cluster(), load_profiles(job)).estimate
     assert measured.step_seconds != catalog.step_seconds
     assert measured.seconds_by_cause["DeepSpeed engine (measured)"] == 0, "not measured here"
+
+
+def _node(labels: dict[str, str], cpus: float = 8, gpus: float = 0, alive: bool = True) -> dict:
+    """A row of Ray's node table (ray.nodes())."""
+    return {"Alive": alive, "Labels": labels, "Resources": {"CPU": cpus, "GPU": gpus}}
+
+
+def test_profiling_targets_the_node_types_that_are_up_by_their_labels():
+    from shipyard.plan.profiler import profile_targets
+
+    job = load_job(REPO / "jobs/gpt-1b-hetero.yaml")
+    aws = load_cluster(REPO / "cluster/aws_hetero.yaml")
+    targets, skipped = profile_targets(job, aws, [])
+    assert targets == [] and len(skipped) == 3
+    assert all("no node of it is up" in line and "--address" in line for line in skipped)
+
+    a100 = {"ray.io/node-group": "a100_80gb"}
+    t4 = {"ray.io/node-group": "t4"}
+    nodes = [_node(a100, 96, 8), _node(t4, 4, 1), _node(t4, 4, 1, alive=False)]
+    targets, skipped = profile_targets(job, aws, nodes)
+    assert [(t.group.node_type, t.node_selector, t.ranks) for t in targets] == [
+        ("a100_80gb", a100, 2),
+        ("t4", t4, 1),  # one live T4: a single rank
+    ]
+    assert [line.split(":")[0] for line in skipped] == ["v100_32gb"]
+
+
+def test_profiling_skips_fake_gpus_and_profiles_this_machine_without_labels():
+    from shipyard.plan.profiler import profile_targets
+
+    job = load_job(REPO / "jobs/tiny-gpt.yaml")
+    fake = load_cluster(REPO / "cluster/fake_hetero.yaml")
+    targets, skipped = profile_targets(job, fake, [_node({"shipyard-device": "a100"})])
+    assert targets == [] and all("fake node" in line for line in skipped)
+
+    (target,), skipped = profile_targets(job, local_cluster(), [_node({}, cpus=2)])
+    assert target.node_selector is None and target.ranks == 2 and not skipped
+    assert not target.group.device.is_gpu
+
+
+def test_measured_speeds_are_interpolated_not_forced_onto_a_curve():
+    import dataclasses
+
+    cpu = hardware.cpu_device(1, 1.0)
+    # A CPU whose cache makes 256-token micro-batches slower per token than 128-token ones.
+    measured = dataclasses.replace(
+        cpu,
+        measured_flops={"fp32": ((128, 2e9), (256, 1e9), (512, 3e9))},
+        half_efficiency_tokens=128,
+    )
+    assert measured.achieved_flops("fp32", 192) == pytest.approx(1.5e9)
+    assert measured.achieved_flops("fp32", 256) == pytest.approx(1e9)
+    assert measured.achieved_flops("fp32", 4096) == measured.achieved_flops("fp32", 0) == 3e9
+    # Below the smallest measured size the curve's shape carries on: 64/(64+128) ÷ 128/256.
+    assert measured.achieved_flops("fp32", 64) == pytest.approx(2e9 * (1 / 3) / 0.5)
+    curve = dataclasses.replace(measured, measured_flops={})
+    assert measured.achieved_flops("bf16", 128) == curve.achieved_flops("bf16", 128), "fp32 only"

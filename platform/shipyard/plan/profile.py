@@ -1,8 +1,9 @@
 """Measured speed of the job's layers on the devices at hand (`shipyard plan --profile`).
 
 Catalog TFLOPs mislead: published planners' cost models miss by 20–30%. So Shipyard times one
-transformer block, forward and backward, at several micro-batch sizes on each local device
-type, and fits the two numbers its time model uses for that device:
+transformer block, forward and backward, at several micro-batch sizes on each device type
+(`profiler.py` runs the timings in Ray Train workers) and fits the two numbers its time model
+uses for that device:
 
     achieved FLOP/s = peak × efficiency × tokens / (tokens + half_efficiency_tokens)
 
@@ -26,7 +27,8 @@ from shipyard.plan.devices import DeviceGroup, cpu_threads
 from shipyard.spec.job import JobSpec
 
 MICRO_BATCH_SIZES = (1, 2, 4, 8, 16)
-REPEATS = 5
+REPEATS = 7
+WARMUP_ROUNDS = 2
 
 
 @dataclass(frozen=True)
@@ -106,69 +108,78 @@ def calibrate(
                 half_efficiency_tokens=profile.half_efficiency_tokens,
                 micro_step_overhead_s=overhead.get("micro_step", 0.0),
                 step_overhead_s=overhead.get("step", 0.0),
+                measured_flops={
+                    profile.precision: measured_flops(job, profile.seconds_by_micro_batch)
+                },
             )
         calibrated.append(replace(group, device=device))
     return tuple(calibrated)
 
 
-def profile_local_devices(job: JobSpec, engine: bool = True) -> list[DeviceProfile]:
-    """Measure the job's block on this machine's CPU (as one worker sees it) and its GPU;
-    with `engine`, also DeepSpeed's overhead at the job's ZeRO stage on the CPU."""
-    import torch
-
-    threads = cpu_threads(job.train.cpus_per_worker)
-    device = hardware.cpu_device(threads, 1.0)
-    if engine:
-        # Timed in 2 concurrent ranks, as training runs: CPU workers share cores and memory.
-        from shipyard.plan.framework import measure_engine_overhead
-
-        measured = measure_engine_overhead(job, threads)
-        cpu = fit_profile(job, device, threads, measured.pop("block_seconds"))
-        cpu = replace(cpu, engine_overhead={str(job.train.zero_stage): measured})
-    else:
-        cpu = _profile(job, device, "cpu", threads)
-    profiles = [cpu]
-    if torch.cuda.is_available():
-        name = _local_gpu_name()
-        if name:
-            profiles.append(_profile(job, hardware.gpu(name), "cuda", 0))
-    return profiles
-
-
-def _profile(job: JobSpec, device: hardware.Device, where: str, threads: int) -> DeviceProfile:
-    return fit_profile(job, device, threads, block_seconds(job, where, threads))
-
-
 def block_seconds(job: JobSpec, where: str, threads: int) -> dict[int, float]:
-    """Seconds of one block's forward and backward at each micro-batch size, on `where`."""
+    """Median seconds of one block's forward and backward at each micro-batch size on `where`
+    ("cpu" with `threads` threads, or "cuda"). Sizes are timed in rounds, so a burst of noise
+    from a neighbour hits them alike."""
     import torch
 
     from shipyard.models.gpt import Block
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    dtype = dtype[job.train.precision]
+    dtype = torch_dtype(job.train.precision)
     previous_threads = torch.get_num_threads()
     if where == "cpu":
         torch.set_num_threads(threads)
     try:
         block = Block(job.model, seed=0).to(device=where, dtype=dtype)
-        return {micro: _time_block(block, job, micro, where, dtype) for micro in MICRO_BATCH_SIZES}
+        shape = (job.model.sequence_length, job.model.width)
+        inputs = {
+            micro: torch.randn((micro, *shape), device=where, dtype=dtype, requires_grad=True)
+            for micro in MICRO_BATCH_SIZES
+        }
+        times: dict[int, list[float]] = {micro: [] for micro in MICRO_BATCH_SIZES}
+        for round_ in range(WARMUP_ROUNDS + REPEATS):  # warm-up rounds fill allocator caches
+            for micro, x in inputs.items():
+                seconds = timed(lambda x=x: block(x).float().square().mean().backward(), where)
+                if round_ >= WARMUP_ROUNDS:
+                    times[micro].append(seconds)
+        return {micro: float(np.median(each)) for micro, each in times.items()}
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def timed(run, where: str) -> float:
+    """Seconds `run()` takes on `where`, waiting for a GPU to finish its queued work."""
+    import torch
+
+    if where != "cpu":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    run()
+    if where != "cpu":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def measured_flops(job: JobSpec, seconds: dict[int, float]) -> tuple[tuple[float, float], ...]:
+    """(tokens per micro-batch, FLOP/s reached) of each measured size, in the time model's
+    FLOPs, by ascending tokens."""
+    from shipyard.plan.memory import model_size
+    from shipyard.plan.search import block_flops
+
+    size = model_size(job.model)
+    flops_per_token = block_flops(size, checkpointing=False)
+    return tuple(
+        (micro * size.sequence_length, flops_per_token * micro * size.sequence_length / s)
+        for micro, s in sorted(seconds.items())
+    )
 
 
 def fit_profile(
     job: JobSpec, device: hardware.Device, threads: int, seconds: dict[int, float]
 ) -> DeviceProfile:
     """The efficiency curve through the measured block times."""
-    from shipyard.plan.memory import model_size
-    from shipyard.plan.search import block_flops  # the time model's FLOPs
-
     precision = job.train.precision
-    size = model_size(job.model)
-    flops_per_token = block_flops(size, checkpointing=False)
-    tokens = np.array([micro * size.sequence_length for micro in seconds], dtype=float)
-    achieved = flops_per_token * tokens / np.array(list(seconds.values()))
+    points = np.array(measured_flops(job, seconds))
+    tokens, achieved = points[:, 0], points[:, 1]
     slope, intercept = np.polyfit(1.0 / tokens, 1.0 / achieved, 1)
     peak = device.tflops[precision] * 1e12
     efficiency = 1.0 / (intercept * peak) if intercept > 0 else achieved.max() / peak
@@ -184,33 +195,7 @@ def fit_profile(
     )
 
 
-def _time_block(block, job: JobSpec, micro: int, where: str, dtype) -> float:
-    """Median seconds of one forward and backward of `block` on `micro` sequences."""
+def torch_dtype(precision: str):
     import torch
 
-    shape = (micro, job.model.sequence_length, job.model.width)
-    inputs = torch.randn(shape, device=where, dtype=dtype, requires_grad=True)
-    times = []
-    for attempt in range(REPEATS + 2):  # the first two warm up allocators and kernels
-        if where == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        block(inputs).float().square().mean().backward()
-        if where == "cuda":
-            torch.cuda.synchronize()
-        if attempt >= 2:
-            times.append(time.perf_counter() - started)
-    return float(np.median(times))
-
-
-def _local_gpu_name() -> str | None:
-    """This machine's GPU as a catalog name (e.g. "NVIDIA A100-SXM4-80GB" -> "A100-80G")."""
-    import torch
-
-    name = torch.cuda.get_device_name(0).upper()
-    memory_gib = torch.cuda.get_device_properties(0).total_memory / hardware.GIB
-    for model, device in hardware.GPUS.items():
-        family = model.split("-")[0]
-        if family in name and abs(device.memory_gib - memory_gib) < 0.15 * device.memory_gib:
-            return model
-    return None
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
