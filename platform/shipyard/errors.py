@@ -15,3 +15,7 @@ class ResourceError(ShipyardError):
 
 class TrainingError(ShipyardError):
     """Training started but failed; carries the worker's error message, not Ray's traceback."""
+
+
+class PlacementError(ShipyardError):
+    """Ray put ranks on other node types than the plan needs (raised in the workers)."""

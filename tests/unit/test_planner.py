@@ -355,3 +355,24 @@ def test_measured_speeds_are_interpolated_not_forced_onto_a_curve():
     assert measured.achieved_flops("fp32", 64) == pytest.approx(2e9 * (1 / 3) / 0.5)
     curve = dataclasses.replace(measured, measured_flops={})
     assert measured.achieved_flops("bf16", 128) == curve.achieved_flops("bf16", 128), "fp32 only"
+
+
+def test_ranks_take_the_roles_of_the_node_types_ray_put_them_on():
+    from shipyard.errors import PlacementError
+
+    job = load_job(REPO / "jobs" / "tiny-gpt.yaml")
+    fake = make_plan(job, load_cluster(REPO / "cluster" / "fake_hetero.yaml"))
+    assert fake.node_type_of({"shipyard-device": "t4", "other": "x"}) == "t4_node"
+    assert fake.node_type_of({"shipyard-device": "h100"}) is None
+    a100_rank, t4_rank = fake.ranks
+    assert fake.roles(["a100_node", "t4_node"]) == (a100_rank, t4_rank)
+    # Ray numbered the T4 worker first: it still takes the T4's smaller share of the samples.
+    assert fake.roles(["t4_node", "a100_node"]) == (t4_rank, a100_rank)
+    with pytest.raises(PlacementError, match=r"placed the ranks on \['t4_node', 't4_node'\]"):
+        fake.roles(["t4_node", "t4_node"])
+    # A pipeline's stage comes with the rank number: a swapped pipeline cannot be played.
+    piped = job.model_copy(update={"train": job.train.model_copy(update={"pipeline_stages": 2})})
+    pipeline = make_plan(piped, load_cluster(REPO / "cluster" / "fake_hetero.yaml"))
+    assert pipeline.roles(["a100_node", "t4_node"]) == pipeline.ranks
+    with pytest.raises(PlacementError, match="rank 0 \\(pipeline stage 0\\) on t4_node"):
+        pipeline.roles(["t4_node", "a100_node"])

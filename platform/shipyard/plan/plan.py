@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from shipyard.errors import ResourceError
+from shipyard.errors import PlacementError, ResourceError
 from shipyard.plan.devices import DeviceGroup, device_groups, fastest_first, speed
 from shipyard.plan.memory import GIB, model_size
 from shipyard.plan.partition import split_evenly
@@ -69,6 +69,41 @@ class ParallelPlan:
     estimate: Estimate | None = None
     cluster: str = ""
     select_nodes: bool = False  # the cluster has several node types: pin each rank to its own
+
+    def node_type_of(self, labels: dict[str, str]) -> str | None:
+        """Which of the plan's node types a node with these labels is (None: none of them)."""
+        for rank in self.ranks:
+            if all(labels.get(key) == value for key, value in rank.node_selector.items()):
+                return rank.node_type
+        return None
+
+    def roles(self, placed: list[str]) -> tuple[RankPlan, ...]:
+        """The plan rank each world rank plays, given the node type Ray put each one on.
+
+        Ray Train numbers ranks by node, not in the order of the label selectors it was given,
+        so the k-th rank found on node type T takes the plan's k-th rank of T. A pipeline's
+        stage is fixed by the rank number (DeepSpeed's topology), so there the node type must
+        also be the one planned for that stage.
+        """
+        waiting: dict[str, list[RankPlan]] = {}
+        for planned in self.ranks:
+            waiting.setdefault(planned.node_type, []).append(planned)
+        wanted = [planned.node_type for planned in self.ranks]
+        roles = []
+        for rank, node_type in enumerate(placed):
+            if not waiting.get(node_type):
+                raise PlacementError(
+                    f"Ray placed the ranks on {placed}, but the plan needs {wanted}"
+                )
+            role = waiting[node_type].pop(0)
+            stage = rank // self.data_parallel_size
+            if self.pipeline_stages > 1 and self.ranks[rank].node_type != node_type:
+                raise PlacementError(
+                    f"Ray placed rank {rank} (pipeline stage {stage}) on {node_type}, but the "
+                    f"plan gives that stage {self.ranks[rank].node_type}: {placed} vs {wanted}"
+                )
+            roles.append(role)
+        return tuple(roles)
 
     @property
     def micro_batches(self) -> tuple[int, ...]:

@@ -84,20 +84,24 @@ class Worker:
         self.tokens_per_step = plan.global_batch_size * job.model.sequence_length
         self.rank = ray.train.get_context().get_world_rank()
         self.device = _device(plan)
+        self.pipelined = plan.pipeline_stages > 1
         deepspeed.init_distributed(dist_backend=plan.backend)
-        self.placement = check_placement(plan, self.rank)
+        self.placement = where_ranks_run(plan)
+        # Raises alike on every rank if this placement cannot play the plan.
+        roles = plan.roles(self.placement) if plan.select_nodes else None
         # This rank's replica and its share of every global micro-batch (the plan may give a
         # faster device more); its loss weight makes DeepSpeed's plain average over replicas
         # the average over all samples of the global batch.
         micro = plan.micro_batches
         self.global_micro_batch = sum(micro)
-        replica = self.rank % plan.data_parallel_size
+        replica = self.rank % plan.data_parallel_size  # a pipeline's: DeepSpeed's data coordinate
+        if roles and not self.pipelined:
+            replica = roles[self.rank].replica
         self.slice = replica_slices(micro)[replica]
         self.sample_share = micro[replica] / self.global_micro_batch
         self.loss_weight = self.sample_share * plan.data_parallel_size
         config = deepspeed_config(plan, job.train, micro_batch_size=micro[replica])
         self.engine = build_engine(job, plan, config)
-        self.pipelined = plan.pipeline_stages > 1
         self.step = self._restore(start_checkpoint)
         self.train_windows = load_windows(ray.train.get_dataset_shard("train"))
         self.validation_windows = load_windows(ray.train.get_dataset_shard("validation"))
@@ -244,25 +248,14 @@ class Worker:
                 os._exit(1)
 
 
-def check_placement(plan: ParallelPlan, rank: int) -> list[str]:
-    """Every rank's node type, from the labels of the node Ray actually put it on.
-
-    Ray Train numbers ranks by node, so rank r need not sit on the r-th bundle's node; the plan
-    only holds if each rank finds itself on the node type the plan gave that rank number.
-    """
+def where_ranks_run(plan: ParallelPlan) -> list[str]:
+    """Every rank's node type, from the labels of the node Ray actually put it on."""
     if not plan.ranks:
         return []
     labels = ray.get_runtime_context().get_node_labels()
-    planned = plan.ranks[rank]
-    on_plan = not plan.select_nodes or all(  # one node type: every node is of it
-        labels.get(key) == value for key, value in planned.node_selector.items()
-    )
-    here = planned.node_type if on_plan else f"a node labelled {labels}"
+    here = plan.node_type_of(labels) if plan.select_nodes else plan.ranks[0].node_type
     everywhere: list[str] = [""] * dist.get_world_size()
-    dist.all_gather_object(everywhere, here)
-    wanted = [each.node_type for each in plan.ranks]
-    if plan.select_nodes and everywhere != wanted:
-        raise RuntimeError(f"Ray placed the ranks on {everywhere}, but the plan needs {wanted}")
+    dist.all_gather_object(everywhere, here or f"a node labelled {labels}")
     return everywhere
 
 
