@@ -27,7 +27,7 @@ from shipyard.plan.devices import DeviceGroup, cpu_threads
 from shipyard.spec.job import JobSpec
 
 MICRO_BATCH_SIZES = (1, 2, 4, 8, 16)
-REPEATS = 7
+REPEATS = 21
 WARMUP_ROUNDS = 2
 
 

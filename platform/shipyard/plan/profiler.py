@@ -33,7 +33,7 @@ from shipyard.spec.job import JobSpec
 
 RANKS = 2
 WARMUP_STEPS = 2
-TIMED_STEPS = 10
+TIMED_STEPS = 20
 
 
 @dataclass(frozen=True)
