@@ -58,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("job", help="path of the job spec YAML whose model to serve")
     serve.add_argument(
-        "--checkpoint", help="checkpoint or export folder (default: the job's latest checkpoint)"
+        "--checkpoint",
+        help="checkpoint or export folder, or an artifacts location (s3://bucket/prefix) to "
+        "serve the latest published version from (default: the job's latest checkpoint)",
     )
     serve.add_argument("--host", help="HTTP host (default: serve.host, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="HTTP port (default: serve.port, 8000)")
@@ -87,6 +89,23 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--verbose", action="store_true", help="show Ray's and trials' logs")
     sweep.set_defaults(command=_sweep)
 
+    artifacts = commands.add_parser(
+        "artifacts", help="publish a job's trained model (with its spec, plan and metrics)"
+    )
+    actions = artifacts.add_subparsers(dest="action", required=True, metavar="ACTION")
+    push = actions.add_parser("push", help="publish the job's latest checkpoint as a version")
+    push.add_argument("job", help="path of the job spec YAML")
+    push.add_argument("--to", help="folder or s3://bucket/prefix (default: the job's artifacts:)")
+    listing = actions.add_parser("list", help="the job's published versions")
+    listing.add_argument("job", help="path of the job spec YAML")
+    listing.add_argument("--from", dest="source", help="default: the job's artifacts:")
+    fetching = actions.add_parser("pull", help="download and verify a published version")
+    fetching.add_argument("job", help="path of the job spec YAML")
+    fetching.add_argument("--from", dest="source", help="default: the job's artifacts:")
+    fetching.add_argument("--version", help="default: the latest")
+    fetching.add_argument("--to", default="artifacts", help="local folder (default: artifacts)")
+    artifacts.set_defaults(command=_artifacts)
+
     plan = commands.add_parser("plan", help="validate a job spec and print its parallel plan")
     plan.add_argument("job", help="path of the job spec YAML")
     plan.add_argument(
@@ -108,6 +127,45 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(command=_plan)
     return parser
+
+
+def _artifacts(args: argparse.Namespace, console: Console) -> int:
+    from shipyard.artifacts import artifact_store, fetch, push
+    from shipyard.spec.load import load_job
+    from shipyard.storage import latest, versions
+
+    job = load_job(args.job)
+    store = artifact_store(job, args.to if args.action == "push" else args.source)
+    store.check()
+    if args.action == "push":
+        published = push(job, store)
+        console.print(
+            f"Published {job.name} step {published.metadata['step']} as version "
+            f"{published.version} to {store.uri}",
+            highlight=False,
+        )
+    elif args.action == "list":
+        current = latest(store, job.name)
+        table = Table(title=f"{job.name} in {store.uri}")
+        for column in ("version", "step", "val_loss", "files", "MB", "latest"):
+            table.add_column(column)
+        for each in versions(store, job.name):
+            size = sum(f["bytes"] for f in each.files.values()) / 1e6
+            val_loss = each.metadata.get("metrics", {}).get("val_loss")
+            table.add_row(
+                each.version,
+                str(each.metadata.get("step", "")),
+                f"{val_loss:.4f}" if val_loss is not None else "",
+                str(len(each.files)),
+                f"{size:.1f}",
+                "←" if current and current.version == each.version else "",
+            )
+        console.print(table)
+    else:
+        folder = fetch(store, job.name, Path(args.to), args.version)
+        console.print(f"Pulled and verified: {folder}", highlight=False)
+        console.print(f"Next: shipyard serve {args.job} --checkpoint {folder / 'export'}")
+    return 0
 
 
 def _plan(args: argparse.Namespace, console: Console) -> int:
@@ -232,6 +290,12 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     job = load_job(args.job)  # decide first: a bad spec or cluster fails before Ray starts
     cluster = load_cluster(args.cluster) if args.cluster else None
     check_resumable(job)  # and so does a changed model that would resume a checkpoint
+    store = None
+    if job.artifacts:
+        from shipyard.storage import open_store
+
+        store = open_store(job.artifacts)
+        store.check()  # a missing bucket or refused credentials fail before training
     plan = plan_for(job, cluster)
     console.print(f"[bold]{job.name}[/]  {plan.explain()}", highlight=False)
     final_step = min(job.train.max_steps, args.stop_at_step or job.train.max_steps)
@@ -257,6 +321,12 @@ def _train(args: argparse.Namespace, console: Console) -> int:
             stop_at_step=args.stop_at_step,
         )
     _summary(console, job, result, args)
+    finished = result.final.get("step", 0) >= job.train.max_steps
+    if store and finished and not result.final.get("already_complete"):
+        from shipyard.artifacts import push
+
+        published = push(job, store)
+        console.print(f"Published as {published.version} to {store.uri}", highlight=False)
     return 0
 
 

@@ -44,7 +44,7 @@ def test_misspelt_key_suggests_the_right_one(write_job):
 def test_unknown_top_level_section_lists_allowed_ones(write_job):
     message = error_for(write_job, job(trian={"lr": 1}))
     assert "Did you mean 'train'?" in message
-    assert "the top level allows: name, model, data, train, storage, failure" in message
+    assert "the top level allows: name, model, data, train, storage, artifacts, failure" in message
 
 
 def test_value_outside_a_choice_lists_the_choices(write_job):
@@ -110,6 +110,8 @@ def test_all_problems_are_reported_together(write_job):
             "train.warmup_steps: 50 is longer than train.max_steps 10",
         ),
         ({"storage": "s3://bucket/x"}, "storage: 's3://bucket/x' is cloud storage"),
+        ({"artifacts": "gs://bucket/x"}, "artifacts: 'gs://bucket/x' is not allowed"),
+        ({"artifacts": "s3:///x"}, "a folder or s3://bucket/prefix is"),
     ],
 )
 def test_cross_field_rules(write_job, sections, expected):
@@ -175,3 +177,10 @@ def test_cli_plan_prints_the_layout(capsys):
     out = capsys.readouterr().out
     assert "data parallel 2 × pipeline 1; ZeRO stage 1" in out
     assert "8 per micro-batch × 2 accumulated × 2 replicas = 32 sequences per step" in out
+
+
+def test_artifacts_go_to_a_folder_or_an_s3_prefix(write_job):
+    for where in ("s3://models/team", "s3://models"):
+        assert load_job(write_job(job(artifacts=where))).artifacts == where
+    folder = load_job(write_job(job(artifacts="published"))).artifacts
+    assert folder.startswith("/") and folder.endswith("/published")

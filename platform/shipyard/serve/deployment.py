@@ -144,6 +144,14 @@ def _export_for(job: JobSpec, checkpoint: str | None) -> ExportedModel:
                 f"(shipyard train …), or give --checkpoint PATH."
             )
         return export_checkpoint(saved)
+    if checkpoint.startswith("s3://"):  # a published artifacts location: its latest version
+        from shipyard.artifacts import EXPORT, fetch
+        from shipyard.storage import open_store
+
+        store = open_store(checkpoint)
+        store.check()
+        pulled = fetch(store, job.name, Path(job.storage, job.name, "artifacts"))
+        return read_export(pulled / EXPORT)
     folder = Path(checkpoint).expanduser().resolve()
     if (folder / MANIFEST_FILE).is_file():
         return read_export(folder)

@@ -299,6 +299,12 @@ class JobSpec(Strict):
     storage: str = Field(
         "runs", min_length=1, description="Folder under which each job keeps its checkpoints."
     )
+    artifacts: str | None = Field(
+        None,
+        min_length=1,
+        description="Where finished models are published: a folder or s3://bucket/prefix "
+        "(S3 endpoint and credentials: the standard AWS settings, e.g. AWS_ENDPOINT_URL).",
+    )
     failure: FailureSpec = FailureSpec()
     serve: ServeSpec = ServeSpec()
     sweep: SweepSpec | None = None
@@ -316,9 +322,18 @@ class JobSpec(Strict):
                 f"storage: {self.storage!r} is cloud storage, which this version cannot use yet. "
                 "To fix: give a local folder such as 'runs'."
             )
+        if self.artifacts and "://" in self.artifacts and not _is_s3_bucket(self.artifacts):
+            raise ValueError(
+                f"artifacts: {self.artifacts!r} is not allowed; a folder or s3://bucket/prefix "
+                "is. To fix: use an S3 (or S3-compatible) bucket, or a folder."
+            )
         if self.sweep is not None:
             _check_sweep_cadence(self.sweep, self.train)
         return self
+
+
+def _is_s3_bucket(uri: str) -> bool:
+    return uri.startswith("s3://") and bool(uri.removeprefix("s3://").split("/")[0])
 
 
 def _check_sweep_cadence(sweep: SweepSpec, train: TrainSpec) -> None:

@@ -20,13 +20,17 @@ Spec = TypeVar("Spec", bound=BaseModel)
 
 
 def load_job(path: str | os.PathLike[str]) -> JobSpec:
-    """Read and validate a job spec file; relative storage paths resolve against the cwd."""
+    """Read and validate a job spec file; relative storage and artifacts folders resolve
+    against the cwd."""
     job = validate(JobSpec, read_yaml(path), source=str(path))
     if job.sweep is not None:
         from shipyard.sweep.search_space import check_sweep  # it builds on this module
 
         check_sweep(job, str(path))
-    return job.model_copy(update={"storage": str(Path(job.storage).expanduser().resolve())})
+    resolved = {"storage": str(Path(job.storage).expanduser().resolve())}
+    if job.artifacts and not job.artifacts.startswith("s3://"):
+        resolved["artifacts"] = str(Path(job.artifacts).expanduser().resolve())
+    return job.model_copy(update=resolved)
 
 
 def load_cluster(path: str | os.PathLike[str]) -> ClusterSpec:

@@ -1,0 +1,277 @@
+"""Artifacts in a local folder or under an S3 prefix, published so a reader never sees half.
+
+A publish uploads a version's files under `<name>/<version>/`, then its manifest (every file's
+size and SHA-256), and only then moves the `<name>/latest` pointer. One S3 PUT, like one
+`os.replace`, is atomic, so a crash mid-upload leaves the old pointer to complete files; the
+abandoned version has no manifest and is never listed. A pull checks every file's SHA-256
+against the manifest before it hands the folder over. S3 goes through boto3 with the standard
+credential chain (and AWS_ENDPOINT_URL, or `endpoint_url`, for MinIO, Ceph or LocalStack):
+multipart above 16 MiB and retries with backoff.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from shipyard.errors import ShipyardError
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+MULTIPART_BYTES = 16 * 1024**2
+
+
+class StorageError(ShipyardError):
+    """Storage cannot be used (missing bucket, bad credentials, no endpoint) or lost data."""
+
+
+class ChecksumError(StorageError):
+    """A downloaded file is not what was published."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """One published version: its files with their sizes and SHA-256 digests."""
+
+    name: str
+    version: str
+    files: dict[str, dict[str, Any]]  # relative path -> {"bytes": n, "sha256": hex}
+    metadata: dict[str, Any]
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1024 * 1024), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Store(Protocol):
+    """The few object operations a publish needs; keys are '/'-separated, under a root."""
+
+    uri: str
+
+    def upload(self, local: Path, key: str) -> None: ...
+
+    def download(self, key: str, local: Path) -> None: ...
+
+    def put_text(self, key: str, text: str) -> None: ...
+
+    def get_text(self, key: str) -> str | None:
+        """The object's text, or None if there is no such object."""
+        ...
+
+    def keys(self, prefix: str) -> list[str]: ...
+
+    def check(self) -> None:
+        """Raise StorageError, saying how to fix it, unless the store can be read and written."""
+        ...
+
+
+class LocalStore:
+    """A folder on this machine (or a shared file system)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.uri = str(self.root)
+
+    def upload(self, local: Path, key: str) -> None:
+        self._replace(key, lambda temporary: shutil.copyfile(local, temporary))
+
+    def download(self, key: str, local: Path) -> None:
+        shutil.copyfile(self.root / key, local)
+
+    def put_text(self, key: str, text: str) -> None:
+        self._replace(key, lambda temporary: Path(temporary).write_text(text))
+
+    def get_text(self, key: str) -> str | None:
+        path = self.root / key
+        return path.read_text() if path.is_file() else None
+
+    def keys(self, prefix: str) -> list[str]:
+        base = self.root / prefix
+        if not base.is_dir():
+            return []
+        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file())
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.root):
+                pass
+        except OSError as error:
+            raise StorageError(
+                f"storage: {self.uri}: cannot write there ({error.strerror}). To fix: choose a "
+                "folder you can write, or an s3:// location."
+            ) from None
+
+    def _replace(self, key: str, write) -> None:
+        """Write beside the target, then rename over it: readers see old or new, never half."""
+        target = self.root / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        os.close(handle)
+        try:
+            write(temporary)
+            os.replace(temporary, target)
+        finally:
+            Path(temporary).unlink(missing_ok=True)
+
+
+class S3Store:
+    """`s3://bucket/prefix` through boto3."""
+
+    def __init__(self, uri: str, endpoint_url: str | None = None):
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        self.uri = uri.rstrip("/")
+        self.bucket, _, self.prefix = self.uri.removeprefix("s3://").partition("/")
+        if not self.bucket:
+            raise StorageError(f"storage: {uri!r} names no bucket. To fix: s3://bucket/prefix.")
+        retries = Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=5)
+        self.client = boto3.client("s3", endpoint_url=endpoint_url, config=retries)
+        self.transfer = TransferConfig(
+            multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES
+        )
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def upload(self, local: Path, key: str) -> None:
+        self.client.upload_file(str(local), self.bucket, self._key(key), Config=self.transfer)
+
+    def download(self, key: str, local: Path) -> None:
+        self.client.download_file(self.bucket, self._key(key), str(local), Config=self.transfer)
+
+    def put_text(self, key: str, text: str) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=text.encode())
+
+    def get_text(self, key: str) -> str | None:
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except self.client.exceptions.NoSuchKey:
+            return None
+        return answer["Body"].read().decode()
+
+    def keys(self, prefix: str) -> list[str]:
+        found = []
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self._key(prefix)
+        )
+        for page in pages:
+            found += [item["Key"] for item in page.get("Contents", [])]
+        strip = len(self._key(""))
+        return sorted(key[strip:] for key in found)
+
+    def check(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except NoCredentialsError:
+            raise StorageError(
+                f"storage: {self.uri}: no AWS credentials found. To fix: set AWS_ACCESS_KEY_ID "
+                "and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or give the machine a role."
+            ) from None
+        except ClientError as error:
+            code = error.response.get("Error", {}).get("Code", "")
+            raise StorageError(_client_error_message(self.uri, self.bucket, code)) from None
+        except BotoCoreError as error:  # endpoint unreachable, bad URL
+            raise StorageError(
+                f"storage: {self.uri}: cannot reach S3 ({error}). To fix: check the endpoint "
+                "(AWS_ENDPOINT_URL for MinIO, Ceph or LocalStack) and the network."
+            ) from None
+
+
+def _client_error_message(uri: str, bucket: str, code: str) -> str:
+    if code in ("404", "NoSuchBucket"):
+        return f"storage: {uri}: bucket {bucket!r} does not exist. To fix: create it first."
+    if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        return (
+            f"storage: {uri}: the credentials were refused for bucket {bucket!r} ({code}). "
+            "To fix: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the profile's rights."
+        )
+    return f"storage: {uri}: S3 answered {code} for bucket {bucket!r}."
+
+
+def open_store(uri: str | Path, endpoint_url: str | None = None) -> Store:
+    """The store for a local path or an `s3://bucket/prefix` URI."""
+    text = str(uri)
+    if text.startswith("s3://"):
+        return S3Store(text, endpoint_url)
+    return LocalStore(text)
+
+
+def publish(
+    store: Store, name: str, folder: Path, metadata: dict[str, Any] | None = None
+) -> Manifest:
+    """Upload every file under `folder` as a new version of `name`, then point `latest` at it."""
+    # Sortable by time; the random tail keeps two writers in one microsecond apart.
+    version = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ") + f"-{os.urandom(3).hex()}"
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder).as_posix()
+        files[relative] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+        store.upload(path, f"{name}/{version}/{relative}")
+    manifest = Manifest(name, version, files, metadata or {})
+    store.put_text(f"{name}/{version}/{MANIFEST}", json.dumps(manifest.__dict__, indent=2))
+    store.put_text(f"{name}/{LATEST}", json.dumps({"version": version}))
+    return manifest
+
+
+def versions(store: Store, name: str) -> list[Manifest]:
+    """Every complete version of `name` (those with a manifest), oldest first."""
+    manifests = []
+    for key in store.keys(f"{name}/"):
+        if key.count("/") == 2 and key.endswith(f"/{MANIFEST}"):
+            manifests.append(_manifest(store.get_text(key)))
+    return sorted(manifests, key=lambda manifest: manifest.version)
+
+
+def latest(store: Store, name: str) -> Manifest | None:
+    """The version `latest` points at, or None if nothing was published yet."""
+    pointer = store.get_text(f"{name}/{LATEST}")
+    if pointer is None:
+        return None
+    version = json.loads(pointer)["version"]
+    return _manifest(store.get_text(f"{name}/{version}/{MANIFEST}"))
+
+
+def pull(store: Store, manifest: Manifest, destination: Path) -> Path:
+    """Download `manifest`'s files into `destination/<version>`, each checked against its
+    SHA-256; the folder appears only when all are, and an existing one is never overwritten."""
+    target = destination / manifest.version
+    if target.exists():
+        raise StorageError(f"{target} already exists; it is left as it is.")
+    destination.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=destination, prefix=f".{manifest.version}."))
+    try:
+        for relative, expected in manifest.files.items():
+            local = staging / relative
+            local.parent.mkdir(parents=True, exist_ok=True)
+            store.download(f"{manifest.name}/{manifest.version}/{relative}", local)
+            if sha256_of(local) != expected["sha256"]:
+                raise ChecksumError(
+                    f"{store.uri}/{manifest.name}/{manifest.version}/{relative}: its SHA-256 "
+                    "differs from the manifest's; the download is discarded."
+                )
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _manifest(text: str | None) -> Manifest:
+    if text is None:
+        raise StorageError("a version's manifest is missing: the store was changed by hand")
+    return Manifest(**json.loads(text))

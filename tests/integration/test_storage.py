@@ -1,0 +1,127 @@
+"""Artifacts on a real S3-compatible server (moto, 127.0.0.1) and in a local folder."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+
+from shipyard.runtime.local import free_port
+from shipyard.storage import (
+    ChecksumError,
+    StorageError,
+    latest,
+    open_store,
+    publish,
+    pull,
+    versions,
+)
+from tests.conftest import start_moto_server
+
+pytestmark = pytest.mark.integration
+
+
+def artifact(folder: Path, text: str) -> Path:
+    (folder / "weights").mkdir(parents=True)
+    (folder / "weights" / "model.bin").write_bytes(text.encode() * 1000)
+    (folder / "model.json").write_text(f'{{"note": "{text}"}}')
+    return folder
+
+
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_the_latest_complete_version_is_pulled_and_verified(where, request, tmp_path):
+    uri = request.getfixturevalue("s3") + "/team/a" if where == "s3" else tmp_path / "store"
+    store = open_store(uri)
+    store.check()
+    assert latest(store, "tiny") is None
+    first = publish(store, "tiny", artifact(tmp_path / "one", "first"), {"step": 50})
+    second = publish(store, "tiny", artifact(tmp_path / "two", "second"), {"step": 100})
+    assert [m.version for m in versions(store, "tiny")] == [first.version, second.version]
+    assert latest(store, "tiny") == second and second.metadata == {"step": 100}
+
+    pulled = pull(store, second, tmp_path / "pulled")
+    assert (pulled / "weights" / "model.bin").read_bytes() == b"second" * 1000
+    assert (pulled / "model.json").read_text() == '{"note": "second"}'
+    with pytest.raises(StorageError, match="already exists; it is left as it is"):
+        pull(store, second, tmp_path / "pulled")
+
+
+def test_a_corrupted_object_is_caught_and_nothing_is_left_behind(s3, tmp_path):
+    store = open_store(s3)
+    manifest = publish(store, "tiny", artifact(tmp_path / "one", "first"))
+    bucket = s3.removeprefix("s3://")
+    key = f"tiny/{manifest.version}/model.json"
+    boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=b'{"note": "tampered"}')
+    with pytest.raises(ChecksumError, match=r"model\.json: its SHA-256 differs"):
+        pull(store, manifest, tmp_path / "pulled")
+    assert list((tmp_path / "pulled").iterdir()) == [], "no half-checked folder is handed over"
+
+
+UPLOAD = """
+import sys
+from pathlib import Path
+from shipyard.storage import open_store, publish
+publish(open_store(sys.argv[1]), "big", Path(sys.argv[2]))
+"""
+
+
+def test_an_upload_killed_halfway_leaves_the_old_latest(s3, tmp_path):
+    store = open_store(s3)
+    old = publish(store, "big", artifact(tmp_path / "old", "old"))
+    big = tmp_path / "new"
+    big.mkdir()
+    (big / "model.bin").write_bytes(os.urandom(80 * 1024**2))  # 5 parts of 16 MiB
+    uploader = subprocess.Popen([sys.executable, "-c", UPLOAD, s3, str(big)])
+    client, bucket = boto3.client("s3"), s3.removeprefix("s3://")
+    deadline = time.monotonic() + 120
+    while not _parts_uploaded(client, bucket):  # kill it once the multipart upload is under way
+        assert uploader.poll() is None, "the upload finished before it could be interrupted"
+        assert time.monotonic() < deadline, "no multipart upload was seen"
+        time.sleep(0.05)
+    uploader.send_signal(signal.SIGKILL)
+    uploader.wait()
+
+    assert latest(store, "big") == old
+    assert versions(store, "big") == [old], "the cut version has no manifest"
+    pulled = pull(store, latest(store, "big"), tmp_path / "pulled")
+    assert (pulled / "model.json").read_text() == '{"note": "old"}'
+
+
+def _parts_uploaded(client, bucket: str) -> bool:
+    for upload in client.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
+        parts = client.list_parts(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        if parts.get("Parts"):
+            return True
+    return False
+
+
+def test_unusable_storage_is_a_clear_error_before_anything_is_written(s3, tmp_path, monkeypatch):
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
+        open_store("s3://no-such-bucket/x").check()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(StorageError, match=r"cannot reach S3 .*AWS_ENDPOINT_URL"):
+        open_store(s3).check()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StorageError, match="cannot write there"):
+        open_store(tmp_path / "file" / "store").check()
+
+
+def test_refused_credentials_are_a_clear_error(tmp_path, monkeypatch):
+    # A server that checks signatures against its own IAM users (none with these keys).
+    server, url = start_moto_server(tmp_path / "moto.log", INITIAL_NO_AUTH_ACTION_COUNT="0")
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        with pytest.raises(StorageError, match="credentials were refused"):
+            open_store("s3://any-bucket").check()
+    finally:
+        server.kill()
+        server.wait()
