@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Sequence
@@ -89,6 +90,30 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--verbose", action="store_true", help="show Ray's and trials' logs")
     sweep.set_defaults(command=_sweep)
 
+    cluster = commands.add_parser(
+        "cluster", help="bring a cluster YAML up or down (local, fake multinode or cloud)"
+    )
+    cluster_actions = cluster.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (
+        ("up", "start it: ray up for clouds; a Ray head here for local and fake clusters"),
+        ("down", "stop it: ray down for clouds; this cluster's own processes here"),
+        ("status", "its live nodes by node type, their resources, and its Ray jobs"),
+    ):
+        each = cluster_actions.add_parser(action, help=text)
+        each.add_argument("cluster", help="path of the cluster YAML")
+        if action != "status":
+            each.add_argument("--dry-run", action="store_true", help="print what would run")
+        if action == "up":
+            each.add_argument(
+                "--port", type=int, default=6379, help="GCS port of a local head (6379)"
+            )
+            each.add_argument(
+                "--dashboard-port", type=int, default=8265, help="its dashboard and Jobs API"
+            )
+        if action == "status":
+            each.add_argument("--address", help="default: the cluster `up` started, RAY_ADDRESS")
+    cluster.set_defaults(command=_cluster)
+
     artifacts = commands.add_parser(
         "artifacts", help="publish a job's trained model (with its spec, plan and metrics)"
     )
@@ -127,6 +152,83 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(command=_plan)
     return parser
+
+
+def _cluster(args: argparse.Namespace, console: Console) -> int:
+    from shipyard.runtime import cluster as launcher
+    from shipyard.spec.load import load_cluster
+
+    spec = load_cluster(args.cluster)
+    launch = launcher.launch_plan(
+        spec,
+        Path(args.cluster),
+        getattr(args, "port", 6379),
+        getattr(args, "dashboard_port", 8265),
+    )
+    if args.action == "status":
+        return _cluster_status(spec, args, console)
+    if args.dry_run:
+        command = launch.up if args.action == "up" else launch.down
+        if not command:  # a local head: down stops its recorded process group
+            console.print(f"would stop the process group of {spec.name!r} recorded by `up`")
+            return 0
+        environment = " ".join(f"{k}={v}" for k, v in launch.environment.items())
+        console.print(f"would run: {environment} {' '.join(command)}".strip(), highlight=False)
+        if args.action == "up" and launch.on_this_machine:
+            console.print(f"then wait for {launcher.expected_nodes(spec)} nodes")
+        return 0
+    if not launch.on_this_machine:  # Ray's cluster launcher does the work
+        return subprocess.run(launch.up if args.action == "up" else launch.down).returncode
+    if args.action == "down":
+        stopped = launcher.stop_local(spec)
+        console.print(f"{spec.name}: {'stopped' if stopped else 'was not up'}")
+        return 0
+    state = launcher.start_local(spec, launch)
+    console.print(
+        f"{spec.name} is up at {state['address']} (token authentication on; log {state['log']})\n"
+        f"Next: export RAY_ADDRESS={state['address']} RAY_AUTH_MODE=token, then shipyard train "
+        f"JOB --cluster {args.cluster}",
+        highlight=False,
+    )
+    return 0
+
+
+def _cluster_status(spec, args: argparse.Namespace, console: Console) -> int:
+    from shipyard.errors import ResourceError
+    from shipyard.runtime import cluster as launcher
+
+    address = args.address or launcher.recorded_address(spec) or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise ResourceError(
+            f"{spec.name}: no address. To fix: shipyard cluster up {args.cluster}, or pass "
+            "--address (or set RAY_ADDRESS) for a cluster started elsewhere."
+        )
+    state = launcher.cluster_state(address)
+    if not state["nodes"]:
+        raise ResourceError(f"no Ray cluster answers at {address}.")
+    nodes = Table(title=f"{spec.name} at {address}: {len(state['nodes'])} nodes")
+    for column in ("node type", "node", "CPU", "GPU", "accelerators", "labels"):
+        nodes.add_column(column)
+    for node in sorted(state["nodes"], key=lambda n: (not n["head"], n["id"])):
+        resources = node["resources"]
+        accelerators = [k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")]
+        labels = {k: v for k, v in node["labels"].items() if not k.startswith("ray.io/node-id")}
+        nodes.add_row(
+            launcher.node_type_of(spec, node),
+            node["id"][:12],
+            f"{resources.get('CPU', 0):g}",
+            f"{resources.get('GPU', 0):g}",
+            ", ".join(accelerators),
+            ", ".join(f"{k}={v}" for k, v in labels.items()),
+        )
+    console.print(nodes)
+    jobs = Table(title=f"Ray jobs ({len(state['jobs'])})")
+    for column in ("job", "status", "entrypoint"):
+        jobs.add_column(column)
+    for job in state["jobs"]:
+        jobs.add_row(job["id"], job["status"].rsplit(".", 1)[-1], job["entrypoint"] or "")
+    console.print(jobs)
+    return 0
 
 
 def _artifacts(args: argparse.Namespace, console: Console) -> int:

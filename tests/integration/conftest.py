@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from shipyard.runtime.local import start_local_ray
+from shipyard.runtime.local import free_port, start_local_ray
 from shipyard.spec.job import JobSpec
 from shipyard.spec.load import validate
 
@@ -114,12 +116,34 @@ def validation_loss(model, job: JobSpec, plan=None) -> float:
     return total / (sum(micro) * len(batches))
 
 
-def stop_process_group(process: subprocess.Popen) -> None:
-    """SIGTERM a test cluster's process group; SIGKILL it if it is not gone in a few seconds
-    (a graceful Ray stop waits 30 s on each actor, which a throwaway cluster does not need)."""
-    os.killpg(process.pid, signal.SIGTERM)
+SHIPYARD = [sys.executable, "-m", "shipyard"]
+
+
+def without_ray_address(**extra: str) -> dict[str, str]:
+    """This environment minus RAY_ADDRESS, with Ray's token authentication asked for."""
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    return {**env, "RAY_AUTH_MODE": "token", **extra}
+
+
+@contextmanager
+def cluster_up(cluster_yaml: Path, folder: Path) -> Iterator[tuple[str, str]]:
+    """`shipyard cluster up` on free ports until its nodes are up, `shipyard cluster down`
+    after; yields the GCS address and the dashboard (Jobs API) URL."""
+    env = without_ray_address(SHIPYARD_CACHE=str(folder / "shipyard-cache"))
+    port, dashboard = free_port(), free_port()
+    ports = ["--port", str(port), "--dashboard-port", str(dashboard)]
+    up = subprocess.run(
+        [*SHIPYARD, "cluster", "up", str(cluster_yaml), *ports],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=400,
+    )
     try:
-        process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}"
+    finally:
+        down = subprocess.run(
+            [*SHIPYARD, "cluster", "down", str(cluster_yaml)], capture_output=True, env=env
+        )
+        assert down.returncode == 0 and b"stopped" in down.stdout, down.stdout + down.stderr

@@ -19,7 +19,8 @@ from shipyard.runtime.local import free_port
 from shipyard.serve.export import load_exported_model, read_export
 from shipyard.serve.generation import GenerationRequest, TextGenerator
 from shipyard.train.checkpoint import saved_checkpoints
-from tests.integration.conftest import TINY_JOB, stop_process_group, wait_for
+from tests.conftest import REPO
+from tests.integration.conftest import TINY_JOB, cluster_up, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -172,27 +173,10 @@ def test_serve_runs_in_the_foreground_until_sigterm(trained_for_serving, tmp_pat
 
 @pytest.fixture
 def ray_head(tmp_path):
-    """A separate local Ray cluster from `ray start --head --block` (token authentication on).
-
-    `--block` keeps `ray start` in the foreground; signalling its process group stops exactly
-    this cluster, where `ray stop` would stop every Ray on the machine.
-    """
-    port, dashboard_port = free_port(), free_port()
-    ray = str(Path(sys.executable).parent / "ray")
-    options = [f"--port={port}", "--num-cpus=2", "--dashboard-host=127.0.0.1"]
-    options.append(f"--dashboard-port={dashboard_port}")
-    head = subprocess.Popen(
-        [ray, "start", "--head", "--block", *options],
-        stdout=(tmp_path / "ray-head.log").open("w"),
-        stderr=subprocess.STDOUT,
-        env=without_ray_address(),
-        start_new_session=True,
-    )
-    try:
-        wait_for(lambda: port_open(port) and port_open(dashboard_port), 120, "the Ray head")
-        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}"
-    finally:
-        stop_process_group(head)
+    """A separate local Ray cluster, `shipyard cluster up cluster/local.yaml` (token
+    authentication on); `down` stops exactly it, where `ray stop` would stop every Ray."""
+    with cluster_up(REPO / "cluster" / "local.yaml", tmp_path) as head:
+        yield head
 
 
 def port_open(port: int) -> bool:

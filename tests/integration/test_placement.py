@@ -1,6 +1,7 @@
 """Acting on a plan: ranks on the node types it picks, with its uneven batch split.
 
-Ray's fake multinode provider brings up cluster/fake_hetero.yaml on this machine: an "A100"
+`shipyard cluster up` brings cluster/fake_hetero.yaml up on this machine through Ray's fake
+multinode provider: an "A100"
 node and a "T4" node (CPU nodes advertising those models). The planner gives the A100 rank 6
 of every 8 samples and the T4 rank 2; the run must land there and train exactly the math of
 the even 4 + 4 split, since both draw the same global batches.
@@ -9,78 +10,41 @@ the even 4 + 4 split, since both draw the same global batches.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from shipyard.runtime.local import free_port
 from tests.conftest import REPO
-from tests.integration.conftest import TINY_JOB, stop_process_group, wait_for
+from tests.integration.conftest import SHIPYARD, TINY_JOB, cluster_up, without_ray_address
 
 pytestmark = pytest.mark.integration
 
 FAKE_CLUSTER = REPO / "cluster" / "fake_hetero.yaml"
 
 
-def environment(**extra: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    return {**env, "RAY_AUTH_MODE": "token", **extra}
-
-
 @pytest.fixture
 def fake_hetero_cluster(tmp_path):
-    """`ray start --head` with the fake multinode autoscaler, until its two workers are up."""
-    port, dashboard = free_port(), free_port()
-    ray = str(Path(sys.executable).parent / "ray")
-    # The fake provider starts its nodes against this GCS (by default 6379, maybe taken).
-    config = yaml.safe_load(FAKE_CLUSTER.read_text())
-    config["provider"]["gcs_address"] = f"127.0.0.1:{port}"
-    config_file = tmp_path / "fake_hetero.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    head = subprocess.Popen(
-        [
-            ray,
-            "start",
-            "--head",
-            "--block",
-            f"--port={port}",
-            "--num-cpus=1",
-            f"--autoscaling-config={config_file}",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}",
-        ],
-        stdout=(tmp_path / "fake-cluster.log").open("w"),
-        stderr=subprocess.STDOUT,
-        env=environment(RAY_FAKE_CLUSTER="1"),
-        start_new_session=True,
-    )
-    address = f"127.0.0.1:{port}"
-    try:
-        wait_for(lambda: alive_nodes(address) == 3, 180, "the fake cluster's 3 nodes")
+    """cluster/fake_hetero.yaml up (Ray's fake multinode provider); yields its GCS address."""
+    with cluster_up(FAKE_CLUSTER, tmp_path) as (address, _):
         yield address
-    finally:
-        stop_process_group(head)
-
-
-def alive_nodes(address: str) -> int:
-    """Nodes up in the fake cluster (asked from a process with its token authentication)."""
-    count = (
-        "from ray.util.state import list_nodes; "
-        f"print(sum(n.state == 'ALIVE' for n in list_nodes(address={address!r})))"
-    )
-    asked = subprocess.run(
-        [sys.executable, "-c", count], capture_output=True, text=True, env=environment()
-    )
-    return int(asked.stdout.strip() or 0) if asked.returncode == 0 else 0
 
 
 def test_ranks_sit_where_the_plan_says_and_train_the_even_splits_math(
     fake_hetero_cluster, layouts, tmp_path
 ):
+    status = subprocess.run(
+        [*SHIPYARD, "cluster", "status", str(FAKE_CLUSTER), "--address", fake_hetero_cluster],
+        capture_output=True,
+        text=True,
+        env=without_ray_address(),
+    )
+    assert status.returncode == 0, status.stderr
+    for node_type, accelerator in (("a100_node", "A100-80G"), ("t4_node", "T4")):
+        row = next(line for line in status.stdout.splitlines() if node_type in line)
+        assert accelerator in row, status.stdout
+
     even = layouts("zero1", zero_stage=1)  # the same job, as written: 4 + 4 samples
     job = {**TINY_JOB, "name": "placed", "storage": str(tmp_path / "runs")}
     job_file = tmp_path / "placed.yaml"
@@ -99,7 +63,7 @@ def test_ranks_sit_where_the_plan_says_and_train_the_even_splits_math(
         capture_output=True,
         text=True,
         check=True,
-        env=environment(),
+        env=without_ray_address(),
     )
     plan = json.loads(planned.stdout)
     assert [rank["node_type"] for rank in plan["ranks"]] == ["a100_node", "t4_node"]
@@ -122,7 +86,7 @@ def test_ranks_sit_where_the_plan_says_and_train_the_even_splits_math(
         capture_output=True,
         text=True,
         timeout=600,
-        env=environment(),
+        env=without_ray_address(),
     )
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     rows = [
