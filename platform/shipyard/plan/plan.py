@@ -16,7 +16,7 @@ from shipyard.plan.devices import DeviceGroup, device_groups, fastest_first, spe
 from shipyard.plan.memory import GIB, model_size
 from shipyard.plan.partition import split_evenly
 from shipyard.plan.search import Layout, Scored, Workload, score
-from shipyard.spec.cluster import ClusterSpec
+from shipyard.spec.cluster import ClusterSpec, labels_match
 from shipyard.spec.job import JobSpec
 
 
@@ -73,7 +73,7 @@ class ParallelPlan:
     def node_type_of(self, labels: dict[str, str]) -> str | None:
         """Which of the plan's node types a node with these labels is (None: none of them)."""
         for rank in self.ranks:
-            if all(labels.get(key) == value for key, value in rank.node_selector.items()):
+            if labels_match(rank.node_selector, labels):
                 return rank.node_type
         return None
 

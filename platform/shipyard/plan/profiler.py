@@ -28,7 +28,7 @@ from ray.util.queue import Queue
 from shipyard.errors import TrainingError
 from shipyard.plan.devices import DeviceGroup, cpu_threads, device_groups
 from shipyard.plan.profile import DeviceProfile, block_seconds, fit_profile, timed, torch_dtype
-from shipyard.spec.cluster import ClusterSpec
+from shipyard.spec.cluster import ClusterSpec, labels_match
 from shipyard.spec.job import JobSpec
 
 RANKS = 2
@@ -79,7 +79,7 @@ def profile_targets(
 
 def _matches(node: dict[str, Any], selector: dict[str, str] | None) -> bool:
     labels = node.get("Labels") or {}
-    return node.get("Alive", False) and all(labels.get(k) == v for k, v in (selector or {}).items())
+    return node.get("Alive", False) and labels_match(selector or {}, labels)
 
 
 def _worker_slots(node: dict[str, Any], group: DeviceGroup, job: JobSpec) -> int:

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from shipyard.errors import ResourceError
-from shipyard.spec.cluster import ClusterSpec
+from shipyard.spec.cluster import ClusterSpec, labels_match
 from shipyard.spec.load import read_yaml
 
 LOOPBACK = (None, "127.0.0.1", "localhost")
@@ -183,8 +183,8 @@ def cluster_state(address: str) -> dict[str, list[dict[str, Any]]]:
 def node_type_of(cluster: ClusterSpec, node: dict[str, Any]) -> str:
     """The node type a live node is: by its labels, the head by Ray's own flag."""
     for node_type in cluster.node_types:
-        if node_type.is_head == node["head"] and all(
-            node["labels"].get(k) == v for k, v in node_type.node_selector.items()
+        if node_type.is_head == node["head"] and labels_match(
+            node_type.node_selector, node["labels"]
         ):
             return node_type.name
     if node["head"]:

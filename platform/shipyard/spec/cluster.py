@@ -83,6 +83,11 @@ LOCAL_CLUSTER = {
 }
 
 
+def labels_match(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    """Whether a node with `labels` is one that `selector` (a node type's labels) picks."""
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
 def local_cluster() -> ClusterSpec:
     """This machine as a one-node cluster (what cluster/local.yaml says), its size detected."""
     return parse_cluster(LOCAL_CLUSTER, "this machine")
