@@ -42,7 +42,7 @@ def artifact_store(job: JobSpec, location: str | None) -> Store:
 def push(job: JobSpec, store: Store) -> Manifest:
     """Publish the job's latest checkpoint as a new version of `job.name`."""
     from shipyard.serve.export import export_checkpoint
-    from shipyard.train.checkpoint import latest_checkpoint
+    from shipyard.train.checkpoint import latest_checkpoint, local_copy, run_folder
 
     saved = latest_checkpoint(job.storage, job.name)
     if saved is None:
@@ -50,11 +50,12 @@ def push(job: JobSpec, store: Store) -> Manifest:
             f"job {job.name!r} has no checkpoint under {job.storage} to push. To fix: train it "
             "first (shipyard train)."
         )
-    export = export_checkpoint(saved)
+    run = run_folder(job.storage, job.name)
+    export = export_checkpoint(local_copy(saved, run))
     with tempfile.TemporaryDirectory(prefix="shipyard-push-") as folder:
         staging = Path(folder)
         shutil.copytree(export.folder, staging / EXPORT)
-        metrics = Path(job.storage, job.name, METRICS_FILE)
+        metrics = run / METRICS_FILE
         if metrics.is_file():
             shutil.copyfile(metrics, staging / METRICS_FILE)
         (staging / "job.yaml").write_text(yaml.safe_dump(saved.job, sort_keys=False))

@@ -391,13 +391,8 @@ def _train(args: argparse.Namespace, console: Console) -> int:
 
     job = load_job(args.job)  # decide first: a bad spec or cluster fails before Ray starts
     cluster = load_cluster(args.cluster) if args.cluster else None
+    store = _usable_stores(job)  # a missing bucket or refused credentials fail here too
     check_resumable(job)  # and so does a changed model that would resume a checkpoint
-    store = None
-    if job.artifacts:
-        from shipyard.storage import open_store
-
-        store = open_store(job.artifacts)
-        store.check()  # a missing bucket or refused credentials fail before training
     plan = plan_for(job, cluster)
     console.print(f"[bold]{job.name}[/]  {plan.explain()}", highlight=False)
     final_step = min(job.train.max_steps, args.stop_at_step or job.train.max_steps)
@@ -432,10 +427,24 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _usable_stores(job):
+    """Check the job's S3 storage and its artifacts location can be used; the latter's store."""
+    from shipyard.storage import is_remote, open_store
+
+    if is_remote(job.storage):
+        open_store(job.storage).check()
+    if not job.artifacts:
+        return None
+    store = open_store(job.artifacts)
+    store.check()
+    return store
+
+
 def _serve(args: argparse.Namespace, console: Console) -> int:
     from shipyard.runtime.local import ray_runtime
     from shipyard.serve import deployment
     from shipyard.spec.load import load_job
+    from shipyard.train.checkpoint import run_folder
 
     job = load_job(args.job)
     address = args.address or os.environ.get("RAY_ADDRESS")
@@ -454,7 +463,7 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
         return 0
     # Decide first: a bad checkpoint fails before Ray starts.
     service = deployment.prepare_service(job, args.checkpoint, args.host, args.port)
-    config = deployment.write_serve_config(service, Path(job.storage, job.name))
+    config = deployment.write_serve_config(service, run_folder(job.storage, job.name))
     console.print(
         f"[bold]{job.name}[/]: serving step {service.export.step} from {service.export.folder}",
         highlight=False,

@@ -26,6 +26,8 @@ from shipyard.errors import ShipyardError
 MANIFEST = "manifest.json"
 LATEST = "latest"
 MULTIPART_BYTES = 16 * 1024**2
+# botocore's names for credentials that do not renew themselves (unlike roles).
+STATIC_CREDENTIALS = ("env", "explicit", "shared-credentials-file", "config-file")
 
 
 class StorageError(ShipyardError):
@@ -139,7 +141,8 @@ class S3Store:
         if not self.bucket:
             raise StorageError(f"storage: {uri!r} names no bucket. To fix: s3://bucket/prefix.")
         retries = Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=5)
-        self.client = boto3.client("s3", endpoint_url=endpoint_url, config=retries)
+        self.session = boto3.Session()
+        self.client = self.session.client("s3", endpoint_url=endpoint_url, config=retries)
         self.transfer = TransferConfig(
             multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES
         )
@@ -192,6 +195,28 @@ class S3Store:
                 "(AWS_ENDPOINT_URL for MinIO, Ceph or LocalStack) and the network."
             ) from None
 
+    def arrow_filesystem(self):
+        """This bucket as a pyarrow S3FileSystem, for Ray Train, which pickles it to the
+        controller and every worker: same endpoint and region as this client. Static keys
+        (environment, credentials file) travel with it; a role is found by each node itself."""
+        from urllib.parse import urlsplit
+
+        from pyarrow.fs import S3FileSystem
+
+        options: dict[str, Any] = {"region": self.client.meta.region_name}
+        endpoint = urlsplit(self.client.meta.endpoint_url)
+        if not endpoint.netloc.endswith(".amazonaws.com"):  # MinIO, Ceph, LocalStack, moto
+            options |= {"endpoint_override": endpoint.netloc, "scheme": endpoint.scheme}
+        credentials = self.session.get_credentials()
+        if credentials is not None and credentials.method in STATIC_CREDENTIALS:
+            frozen = credentials.get_frozen_credentials()
+            options |= {
+                "access_key": frozen.access_key,
+                "secret_key": frozen.secret_key,
+                "session_token": frozen.token,
+            }
+        return S3FileSystem(**options)
+
 
 def _client_error_message(uri: str, bucket: str, code: str) -> str:
     if code in ("404", "NoSuchBucket"):
@@ -207,9 +232,54 @@ def _client_error_message(uri: str, bucket: str, code: str) -> str:
 def open_store(uri: str | Path, endpoint_url: str | None = None) -> Store:
     """The store for a local path or an `s3://bucket/prefix` URI."""
     text = str(uri)
-    if text.startswith("s3://"):
+    if is_remote(text):
         return S3Store(text, endpoint_url)
     return LocalStore(text)
+
+
+def is_remote(uri: str | Path) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def cache_root() -> Path:
+    """Shipyard's own files on this machine (SHIPYARD_CACHE, else ~/.cache/shipyard)."""
+    return Path(os.environ.get("SHIPYARD_CACHE", "~/.cache/shipyard")).expanduser()
+
+
+def local_mirror(uri: str) -> Path:
+    """The folder on this machine that stands for a storage location: the folder itself, or
+    for `s3://bucket/prefix` a cache folder for what is downloaded from it or kept beside it."""
+    if not is_remote(uri):
+        return Path(uri)
+    return cache_root() / "s3" / uri.removeprefix("s3://").rstrip("/")
+
+
+def ray_storage(uri: str) -> tuple[str, Any]:
+    """`RunConfig`'s storage_path and storage_filesystem for a folder or an S3 location (Ray
+    wants the bucket path without its scheme when it is given the file system)."""
+    if not is_remote(uri):
+        return uri, None
+    store = S3Store(uri)
+    return store.uri.removeprefix("s3://"), store.arrow_filesystem()
+
+
+def download_folder(store: Store, prefix: str, target: Path) -> Path:
+    """Every object under `prefix/` into `target`, which appears only once all are there."""
+    if target.exists():
+        raise StorageError(f"{target} already exists; it is left as it is.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        for key in store.keys(f"{prefix}/"):
+            if key.endswith("/"):  # a folder marker, as pyarrow writes them
+                continue
+            local = staging / key.removeprefix(f"{prefix}/")
+            local.parent.mkdir(parents=True, exist_ok=True)
+            store.download(key, local)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def publish(

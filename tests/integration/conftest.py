@@ -57,7 +57,7 @@ def runs_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
-def tiny_job(name: str, storage: Path, **train) -> JobSpec:
+def tiny_job(name: str, storage: Path | str, **train) -> JobSpec:
     """TINY_JOB with some train fields changed, stored under `storage`."""
     document = {
         **TINY_JOB,

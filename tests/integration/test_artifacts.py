@@ -60,11 +60,13 @@ def test_a_trained_model_is_published_pulled_verified_and_served_from_s3(
     assert torch.equal(served(tokens), trained(tokens))
 
 
-def test_training_refuses_an_artifacts_bucket_that_does_not_exist(s3, tmp_path, capsys):
+@pytest.mark.parametrize("field", ["storage", "artifacts"])
+def test_training_refuses_a_bucket_that_does_not_exist(s3, tmp_path, capsys, field):
     document = {**TINY_JOB, "name": "nowhere", "storage": str(tmp_path / "runs")}
-    document["artifacts"] = "s3://no-such-bucket/models"
+    document[field] = "s3://no-such-bucket/somewhere"
     job_file = tmp_path / "nowhere.yaml"
     job_file.write_text(yaml.safe_dump(document))
     assert main(["train", str(job_file)]) == 2
-    assert "bucket 'no-such-bucket' does not exist" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "storage: s3://no-such-bucket/somewhere: bucket 'no-such-bucket' does not exist" in error
     assert not (tmp_path / "runs").exists(), "it failed before training started"

@@ -131,7 +131,7 @@ def without_ray_address() -> dict[str, str]:
 
 def direct_answer(storage: Path, prompt: bytes, new_tokens: int) -> list[int]:
     """What the latest export of cli-serve generates, computed in this process."""
-    export = read_export(saved_checkpoints(str(storage), "cli-serve")[-1].path / "export")
+    export = read_export(Path(saved_checkpoints(str(storage), "cli-serve")[-1].path, "export"))
     generator = TextGenerator(load_exported_model(export), export.model.sequence_length)
     return generator.generate([GenerationRequest(tuple(prompt), new_tokens)])[0]
 
@@ -168,7 +168,7 @@ def test_serve_runs_in_the_foreground_until_sigterm(trained_for_serving, tmp_pat
         requests.get(f"{url}/v1/health", timeout=5)
     config = yaml.safe_load((storage / "cli-serve" / "serve_config.yaml").read_text())
     export = config["applications"][0]["args"]["export"]
-    assert export == str(saved_checkpoints(str(storage), "cli-serve")[-1].path / "export")
+    assert export == str(Path(saved_checkpoints(str(storage), "cli-serve")[-1].path, "export"))
 
 
 @pytest.fixture

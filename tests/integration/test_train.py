@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
-from shipyard.train.checkpoint import saved_checkpoints
+from shipyard.serve.export import export_checkpoint, load_exported_model
+from shipyard.storage import open_store
+from shipyard.train.checkpoint import latest_checkpoint, local_copy, saved_checkpoints
 from shipyard.train.trainer import run_training
 from shipyard.train.worker import Fault
-from tests.integration.conftest import tiny_job
+from tests.integration.conftest import tiny_job, validation_loss
 
 pytestmark = pytest.mark.integration
 
@@ -62,14 +65,20 @@ def test_pipeline_trains_the_same_model_as_data_parallel(layouts):
     assert pipeline[-1]["val_loss"] < UNIFORM_LOSS - 1.0
 
 
-def test_interrupted_run_resumes_to_the_same_loss(layouts, runs_dir):
+def test_run_stopped_halfway_resumes_from_s3_to_the_same_loss(layouts, s3, tmp_path, monkeypatch):
+    """Checkpoints and the metrics log on S3 (moto): the second run starts on a machine with
+    nothing of the first (an empty local cache) and continues exactly where it stopped."""
+    monkeypatch.setenv("SHIPYARD_CACHE", str(tmp_path / "first-machine"))
     uninterrupted = layouts("zero1", zero_stage=1)
-    job = tiny_job("resumed", runs_dir, zero_stage=1)
+    job = tiny_job("resumed", f"{s3}/runs", zero_stage=1)
 
     first = run_training(job, stop_at_step=12)
     assert first.final["step"] == 12
-    assert [c.step for c in saved_checkpoints(job.storage, job.name)] == [12]
+    saved = saved_checkpoints(job.storage, job.name)
+    assert [c.step for c in saved] == [12]
+    assert saved[0].path.startswith(f"{s3}/runs/resumed/checkpoint_")
 
+    monkeypatch.setenv("SHIPYARD_CACHE", str(tmp_path / "second-machine"))
     second = run_training(job)
     assert second.history[0]["resumed_from_step"] == 12
     assert second.final["step"] == 24
@@ -77,11 +86,18 @@ def test_interrupted_run_resumes_to_the_same_loss(layouts, runs_dir):
     assert losses(first) + losses(second) == pytest.approx(losses(uninterrupted), rel=1e-5)
     assert second.final["val_loss"] == pytest.approx(uninterrupted.final["val_loss"], rel=1e-5)
     assert second.final["lr"] == pytest.approx(uninterrupted.final["lr"])
+    assert second.checkpoint_path.startswith(f"{s3}/runs/resumed/")
+
+    logged = open_store(job.storage).get_text("resumed/metrics.jsonl").splitlines()
+    assert [json.loads(row) for row in logged] == first.history + second.history
+    latest = local_copy(latest_checkpoint(job.storage, job.name), tmp_path / "download")
+    model = load_exported_model(export_checkpoint(latest))
+    assert validation_loss(model, job) == pytest.approx(second.final["val_loss"], rel=1e-4)
 
 
-def test_killed_worker_is_restarted_from_the_last_checkpoint(ray_session, runs_dir, layouts):
+def test_killed_worker_is_restarted_from_the_last_checkpoint_on_s3(layouts, runs_dir, s3):
     uninterrupted = layouts("zero1", zero_stage=1)
-    job = tiny_job("faulty", runs_dir, zero_stage=1)
+    job = tiny_job("faulty", f"{s3}/runs", zero_stage=1)
     job = job.model_copy(update={"failure": job.failure.model_copy(update={"max_failures": 1})})
     marker = runs_dir / "faulty-fault-happened"
 
@@ -90,7 +106,7 @@ def test_killed_worker_is_restarted_from_the_last_checkpoint(ray_session, runs_d
     assert marker.exists(), "rank 1 really exited"
     assert result.final["step"] == 24
     restarted = [row for row in result.history if row.get("resumed_from_step") == 12]
-    assert restarted, "the worker group restarted from the step-12 checkpoint"
+    assert restarted, "the worker group restarted from the step-12 checkpoint on S3"
     assert result.final["loss"] == pytest.approx(uninterrupted.final["loss"], rel=1e-5)
 
 

@@ -31,7 +31,7 @@ def test_only_registered_checkpoints_count(tmp_path):
     make_checkpoint(run, "checkpoint_c", 30)  # uploaded, but the run stopped before Ray knew
     register(run, "checkpoint_b", "checkpoint_a")
     assert [c.step for c in saved_checkpoints(str(tmp_path), "j")] == [10, 20]
-    assert latest_checkpoint(str(tmp_path), "j").path == run / "checkpoint_b"
+    assert latest_checkpoint(str(tmp_path), "j").path == str(run / "checkpoint_b")
 
 
 def test_no_run_means_no_checkpoint(tmp_path):

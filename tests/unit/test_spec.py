@@ -109,7 +109,7 @@ def test_all_problems_are_reported_together(write_job):
             {"train": {"warmup_steps": 50, "max_steps": 10}},
             "train.warmup_steps: 50 is longer than train.max_steps 10",
         ),
-        ({"storage": "s3://bucket/x"}, "storage: 's3://bucket/x' is cloud storage"),
+        ({"storage": "gs://bucket/x"}, "storage: 'gs://bucket/x' is not allowed"),
         ({"artifacts": "gs://bucket/x"}, "artifacts: 'gs://bucket/x' is not allowed"),
         ({"artifacts": "s3:///x"}, "a folder or s3://bucket/prefix is"),
     ],
@@ -179,8 +179,9 @@ def test_cli_plan_prints_the_layout(capsys):
     assert "8 per micro-batch × 2 accumulated × 2 replicas = 32 sequences per step" in out
 
 
-def test_artifacts_go_to_a_folder_or_an_s3_prefix(write_job):
+@pytest.mark.parametrize("field", ["storage", "artifacts"])
+def test_locations_are_a_folder_or_an_s3_prefix(write_job, field):
     for where in ("s3://models/team", "s3://models"):
-        assert load_job(write_job(job(artifacts=where))).artifacts == where
-    folder = load_job(write_job(job(artifacts="published"))).artifacts
+        assert getattr(load_job(write_job(job(**{field: where}))), field) == where
+    folder = getattr(load_job(write_job(job(**{field: "published"}))), field)
     assert folder.startswith("/") and folder.endswith("/published")

@@ -15,7 +15,6 @@ cached profile wherever one matches a device of the plan.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 from shipyard import hardware
 from shipyard.plan.devices import DeviceGroup, cpu_threads
 from shipyard.spec.job import JobSpec
+from shipyard.storage import cache_root
 
 MICRO_BATCH_SIZES = (1, 2, 4, 8, 16)
 REPEATS = 21
@@ -61,7 +61,7 @@ def block_shape(job: JobSpec) -> str:
 
 def cache_folder() -> Path:
     """Where profiles are kept (SHIPYARD_CACHE, else ~/.cache/shipyard)."""
-    return Path(os.environ.get("SHIPYARD_CACHE", "~/.cache/shipyard")).expanduser() / "profiles"
+    return cache_root() / "profiles"
 
 
 def save_profile(profile: DeviceProfile) -> Path:

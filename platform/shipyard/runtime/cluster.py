@@ -28,6 +28,7 @@ import yaml
 from shipyard.errors import ResourceError
 from shipyard.spec.cluster import ClusterSpec, labels_match
 from shipyard.spec.load import read_yaml
+from shipyard.storage import cache_root
 
 LOOPBACK = (None, "127.0.0.1", "localhost")
 
@@ -48,8 +49,7 @@ class Launch:
 
 def state_folder() -> Path:
     """Where running local clusters are recorded (SHIPYARD_CACHE, else ~/.cache/shipyard)."""
-    root = Path(os.environ.get("SHIPYARD_CACHE", "~/.cache/shipyard")).expanduser()
-    return root / "clusters"
+    return cache_root() / "clusters"
 
 
 def launch_plan(

@@ -17,7 +17,13 @@ from shipyard.errors import ShipyardError
 from shipyard.serve.app import DEPLOYMENT_NAME, build_app, deployment_options
 from shipyard.serve.export import MANIFEST_FILE, ExportedModel, export_checkpoint, read_export
 from shipyard.spec.job import JobSpec, ServeSpec
-from shipyard.train.checkpoint import METADATA_FILE, latest_checkpoint, read_checkpoint
+from shipyard.train.checkpoint import (
+    METADATA_FILE,
+    latest_checkpoint,
+    local_copy,
+    read_checkpoint,
+    run_folder,
+)
 
 APP_BUILDER = "shipyard.serve.app:build_app"
 SERVE_CONFIG_FILE = "serve_config.yaml"
@@ -143,14 +149,14 @@ def _export_for(job: JobSpec, checkpoint: str | None) -> ExportedModel:
                 f"job {job.name} has no checkpoint under {job.storage}. To fix: train it first "
                 f"(shipyard train …), or give --checkpoint PATH."
             )
-        return export_checkpoint(saved)
+        return export_checkpoint(local_copy(saved, run_folder(job.storage, job.name)))
     if checkpoint.startswith("s3://"):  # a published artifacts location: its latest version
         from shipyard.artifacts import EXPORT, fetch
         from shipyard.storage import open_store
 
         store = open_store(checkpoint)
         store.check()
-        pulled = fetch(store, job.name, Path(job.storage, job.name, "artifacts"))
+        pulled = fetch(store, job.name, run_folder(job.storage, job.name) / "artifacts")
         return read_export(pulled / EXPORT)
     folder = Path(checkpoint).expanduser().resolve()
     if (folder / MANIFEST_FILE).is_file():

@@ -64,14 +64,15 @@ def export_checkpoint(checkpoint: SavedCheckpoint) -> ExportedModel:
     """The checkpoint's export, consolidating its shards the first time it is asked for.
 
     The export is written into a temporary folder and renamed into place, so a crash never
-    leaves a half-written export that looks complete.
+    leaves a half-written export that looks complete. `checkpoint` must be on this machine
+    (`local_copy` downloads one from S3).
     """
-    target = checkpoint.path / EXPORT_FOLDER
+    target = Path(checkpoint.path) / EXPORT_FOLDER
     if (target / MANIFEST_FILE).is_file():
         return read_export(target)
     spec = ModelSpec.model_validate(checkpoint.job["model"])
     state = consolidated_state_dict(checkpoint)
-    _check_matches_model(state, spec, checkpoint.path)
+    _check_matches_model(state, spec, Path(checkpoint.path))
     return write_export(target, state, spec, checkpoint.job["name"], checkpoint.step)
 
 
@@ -138,7 +139,7 @@ def load_exported_model(export: ExportedModel, device: str = "cpu") -> GPT:
 
 def consolidated_state_dict(checkpoint: SavedCheckpoint) -> dict[str, torch.Tensor]:
     """Full fp32 weights of the GPT, named as `GPT.state_dict()`, from any training layout."""
-    folder = checkpoint.path / CHECKPOINT_TAG
+    folder = Path(checkpoint.path) / CHECKPOINT_TAG
     if not folder.is_dir():
         raise ExportError(f"{checkpoint.path}: no {CHECKPOINT_TAG}/ folder; not a checkpoint.")
     if checkpoint.plan["pipeline_stages"] > 1:
@@ -146,7 +147,7 @@ def consolidated_state_dict(checkpoint: SavedCheckpoint) -> dict[str, torch.Tens
     elif checkpoint.plan["zero_stage"] == 0:
         state = _torch_load(folder / "mp_rank_00_model_states.pt")["module"]
     else:
-        state = _from_zero_partitions(checkpoint.path)
+        state = _from_zero_partitions(Path(checkpoint.path))
     return {name: tensor.detach().float().contiguous() for name, tensor in state.items()}
 
 

@@ -297,7 +297,10 @@ class JobSpec(Strict):
     data: DataSpec = DataSpec()
     train: TrainSpec = TrainSpec()
     storage: str = Field(
-        "runs", min_length=1, description="Folder under which each job keeps its checkpoints."
+        "runs",
+        min_length=1,
+        description="Where each job keeps its checkpoints: a folder or s3://bucket/prefix "
+        "(S3 endpoint and credentials: the standard AWS settings, e.g. AWS_ENDPOINT_URL).",
     )
     artifacts: str | None = Field(
         None,
@@ -317,16 +320,13 @@ class JobSpec(Strict):
                 f"model.layers {self.model.layers}; every stage needs at least one layer. "
                 f"To fix: use at most {self.model.layers} stages."
             )
-        if self.storage.startswith(("s3://", "gs://", "gcs://")):
-            raise ValueError(
-                f"storage: {self.storage!r} is cloud storage, which this version cannot use yet. "
-                "To fix: give a local folder such as 'runs'."
-            )
-        if self.artifacts and "://" in self.artifacts and not _is_s3_bucket(self.artifacts):
-            raise ValueError(
-                f"artifacts: {self.artifacts!r} is not allowed; a folder or s3://bucket/prefix "
-                "is. To fix: use an S3 (or S3-compatible) bucket, or a folder."
-            )
+        for field_name in ("storage", "artifacts"):
+            location = getattr(self, field_name)
+            if location and "://" in location and not _is_s3_bucket(location):
+                raise ValueError(
+                    f"{field_name}: {location!r} is not allowed; a folder or s3://bucket/prefix "
+                    "is. To fix: use an S3 (or S3-compatible) bucket, or a folder."
+                )
         if self.sweep is not None:
             _check_sweep_cadence(self.sweep, self.train)
         return self

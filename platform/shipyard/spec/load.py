@@ -27,9 +27,11 @@ def load_job(path: str | os.PathLike[str]) -> JobSpec:
         from shipyard.sweep.search_space import check_sweep  # it builds on this module
 
         check_sweep(job, str(path))
-    resolved = {"storage": str(Path(job.storage).expanduser().resolve())}
-    if job.artifacts and not job.artifacts.startswith("s3://"):
-        resolved["artifacts"] = str(Path(job.artifacts).expanduser().resolve())
+    resolved = {
+        field: str(Path(location).expanduser().resolve())
+        for field, location in (("storage", job.storage), ("artifacts", job.artifacts))
+        if location and not location.startswith("s3://")
+    }
     return job.model_copy(update=resolved)
 
 

@@ -1,4 +1,5 @@
-"""Where Shipyard's checkpoints are and what they hold, read without starting Ray."""
+"""Where Shipyard's checkpoints are and what they hold, read without starting Ray, from a
+folder or an S3 location."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from shipyard.storage import download_folder, is_remote, local_mirror, open_store
 
 CHECKPOINT_TAG = "deepspeed"  # DeepSpeed's tag folder inside every Ray checkpoint
 METADATA_FILE = "shipyard.json"  # job spec, plan and metrics, written by rank 0
@@ -28,7 +31,7 @@ STATE_SHAPING_FIELDS = (
 class SavedCheckpoint:
     """One checkpoint folder of a job and the metadata saved beside it."""
 
-    path: Path
+    path: str  # a folder, or s3://bucket/prefix/job/checkpoint_…
     step: int
     job: dict[str, Any]
     plan: dict[str, Any]
@@ -41,16 +44,16 @@ def saved_checkpoints(storage: str, job_name: str) -> list[SavedCheckpoint]:
     A folder can exist that Ray never registered (the run stopped between upload and the
     controller's next poll); Ray will not resume from it, so neither do we list it.
     """
-    run = Path(storage, job_name)
-    snapshot = run / RAY_CHECKPOINT_SNAPSHOT
-    if not snapshot.is_file():
+    store = open_store(storage)
+    snapshot = store.get_text(f"{job_name}/{RAY_CHECKPOINT_SNAPSHOT}")
+    if snapshot is None:
         return []
-    registered = json.loads(snapshot.read_text()).get("checkpoint_results", [])
     found = []
-    for entry in registered:
-        folder = run / entry["checkpoint_dir_name"]
-        if (folder / METADATA_FILE).is_file():
-            found.append(read_checkpoint(folder))
+    for entry in json.loads(snapshot).get("checkpoint_results", []):
+        folder = f"{job_name}/{entry['checkpoint_dir_name']}"
+        metadata = store.get_text(f"{folder}/{METADATA_FILE}")
+        if metadata is not None:
+            found.append(_saved(f"{store.uri}/{folder}", json.loads(metadata)))
     return sorted(found, key=lambda checkpoint: checkpoint.step)
 
 
@@ -62,10 +65,29 @@ def latest_checkpoint(storage: str, job_name: str) -> SavedCheckpoint | None:
 
 def read_checkpoint(folder: str | Path) -> SavedCheckpoint:
     """The checkpoint in `folder`, from the metadata rank 0 wrote beside DeepSpeed's files."""
-    folder = Path(folder)
-    metadata = json.loads((folder / METADATA_FILE).read_text())
+    return _saved(str(folder), json.loads((Path(folder) / METADATA_FILE).read_text()))
+
+
+def run_folder(storage: str, job_name: str) -> Path:
+    """The job's folder on this machine: its metrics log, serve config and checkpoints (with
+    S3 storage: the checkpoints downloaded from it)."""
+    return local_mirror(storage) / job_name
+
+
+def local_copy(saved: SavedCheckpoint, folder: Path) -> SavedCheckpoint:
+    """`saved` as a folder on this machine: itself, or downloaded (once) from S3 into `folder`."""
+    if not is_remote(saved.path):
+        return saved
+    parent, _, name = saved.path.rpartition("/")
+    target = folder / name
+    if not (target / METADATA_FILE).is_file():
+        download_folder(open_store(parent), name, target)
+    return read_checkpoint(target)
+
+
+def _saved(path: str, metadata: dict[str, Any]) -> SavedCheckpoint:
     return SavedCheckpoint(
-        path=folder,
+        path=path,
         step=int(metadata["metrics"]["step"]),
         job=metadata["job"],
         plan=metadata["plan"],

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ from shipyard.errors import ResourceError, SpecError, TrainingError
 from shipyard.plan.plan import ParallelPlan, make_plan
 from shipyard.spec.cluster import ClusterSpec
 from shipyard.spec.job import JobSpec
-from shipyard.train.checkpoint import STATE_SHAPING_FIELDS, latest_checkpoint
+from shipyard.storage import is_remote, open_store, ray_storage
+from shipyard.train.checkpoint import STATE_SHAPING_FIELDS, latest_checkpoint, run_folder
 from shipyard.train.worker import Fault, train_loop
 
 Metrics = dict[str, Any]
@@ -77,15 +79,22 @@ def run_training(
     metrics_queue = Queue(actor_options={"num_cpus": 0})
     trainer = build_trainer(job, plan, corpus, metrics_queue, stop_at_step, fault, start_checkpoint)
     result = TrainResult()
-    record = metrics_recorder(job, on_metrics)
     try:
-        outcome = _fit_forwarding_metrics(trainer, metrics_queue, result.history, record)
+        with metrics_log(job) as log:
+            record = metrics_recorder(log, on_metrics)
+            outcome = _fit_forwarding_metrics(trainer, metrics_queue, result.history, record)
     except ray.train.TrainingFailedError as error:
         raise TrainingError(f"training job {job.name!r} failed: {_worker_message(error)}") from None
     finally:
         ray.kill(metrics_queue.actor)
-    result.checkpoint_path = outcome.checkpoint.path if outcome.checkpoint else None
+    if outcome.checkpoint:
+        result.checkpoint_path = uri_scheme(job) + outcome.checkpoint.path
     return result
+
+
+def uri_scheme(job: JobSpec) -> str:
+    """What Ray's checkpoint paths lack to name the job's storage: on S3 Ray drops s3://."""
+    return "s3://" if is_remote(job.storage) else ""
 
 
 def plan_for(job: JobSpec, cluster: ClusterSpec | None) -> ParallelPlan:
@@ -97,9 +106,29 @@ def plan_for(job: JobSpec, cluster: ClusterSpec | None) -> ParallelPlan:
     return make_plan(job, cluster, load_profiles(job))
 
 
-def metrics_recorder(job: JobSpec, on_metrics) -> Callable[[Metrics], None]:
-    """Appends each metrics row to `<storage>/<name>/metrics.jsonl`, then calls `on_metrics`."""
-    path = Path(job.storage) / job.name / METRICS_FILE
+@contextmanager
+def metrics_log(job: JobSpec) -> Iterator[Path]:
+    """The job's metrics.jsonl in its run folder. With S3 storage the log lives beside the
+    checkpoints: fetched before a run on a machine that lacks it, uploaded after (also after a
+    failure or Ctrl-C), so a resume elsewhere continues it."""
+    path = run_folder(job.storage, job.name) / METRICS_FILE
+    if not is_remote(job.storage):
+        yield path
+        return
+    store = open_store(job.storage)
+    key = f"{job.name}/{METRICS_FILE}"
+    if not path.is_file() and store.get_text(key) is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store.download(key, path)
+    try:
+        yield path
+    finally:
+        if path.is_file():
+            store.upload(path, key)
+
+
+def metrics_recorder(path: Path, on_metrics) -> Callable[[Metrics], None]:
+    """Appends each metrics row to the log at `path`, then calls `on_metrics`."""
 
     def record(row: Metrics) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,6 +190,7 @@ def build_trainer(
     resources = {"CPU": plan.cpus_per_worker}
     if plan.gpus_per_worker:
         resources["GPU"] = plan.gpus_per_worker
+    storage_path, storage_filesystem = ray_storage(job.storage)
     return TorchTrainer(
         train_loop,
         train_loop_config={
@@ -179,10 +209,11 @@ def build_trainer(
         ),
         run_config=RunConfig(
             name=job.name,
-            storage_path=job.storage,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=job.failure.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
-            callbacks=[ForwardMetrics(metrics_queue)],
+            callbacks=[ForwardMetrics(metrics_queue, uri_scheme(job))],
         ),
         # Every rank reads the whole corpus and takes its replica's slice of each global batch.
         datasets={"train": corpus.train, "validation": corpus.validation},
@@ -205,13 +236,14 @@ def placement(plan: ParallelPlan) -> list[dict[str, str]] | None:
 class ForwardMetrics(UserCallback):
     """Runs in the Train controller: forwards rank 0's metrics to the driver for live progress."""
 
-    def __init__(self, metrics_queue: Queue):
+    def __init__(self, metrics_queue: Queue, scheme: str = ""):
         self.metrics_queue = metrics_queue
+        self.scheme = scheme
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
         row = dict(metrics[0])
         if checkpoint is not None:
-            row["checkpoint"] = checkpoint.path
+            row["checkpoint"] = self.scheme + checkpoint.path
         self.metrics_queue.put(row)
 
 
