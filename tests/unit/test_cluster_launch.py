@@ -7,7 +7,13 @@ from pathlib import Path
 import yaml
 
 from shipyard.cli import main
-from shipyard.runtime.cluster import expected_nodes, launch_plan, node_type_of
+from shipyard.runtime.cluster import (
+    expected_nodes,
+    launch_plan,
+    node_type_of,
+    recorded_address,
+    stop_local,
+)
 from shipyard.spec.load import load_cluster
 from tests.conftest import REPO
 
@@ -39,7 +45,8 @@ def test_fake_multinode_points_its_nodes_at_our_head(tmp_path, monkeypatch):
     assert launch.environment == {"RAY_FAKE_CLUSTER": "1"}
     assert "--num-cpus=1" in launch.up
     (config,) = [arg.split("=", 1)[1] for arg in launch.up if arg.startswith("--autoscaling")]
-    written = yaml.safe_load(Path(config).read_text())
+    assert not Path(config).exists(), "planning writes nothing; `up` writes the config"
+    written = yaml.safe_load(launch.files[Path(config)])
     assert written["provider"]["gcs_address"] == "127.0.0.1:7002"
     assert (
         written["available_node_types"] == yaml.safe_load(path.read_text())["available_node_types"]
@@ -61,7 +68,7 @@ def test_dry_run_prints_the_commands_and_starts_nothing(tmp_path, monkeypatch, c
     assert out.startswith("would run: RAY_FAKE_CLUSTER=1 ") and "then wait for 3 nodes" in out
     assert main(["cluster", "down", str(CLUSTERS / "local.yaml"), "--dry-run"]) == 0
     assert "process group" in capsys.readouterr().out
-    assert not list(tmp_path.glob("clusters/*.json")), "nothing was started or recorded"
+    assert not list(tmp_path.rglob("*")), "nothing was started, recorded or written"
 
 
 def test_status_of_a_cluster_that_is_not_up_says_how_to_start_it(tmp_path, monkeypatch, capsys):
@@ -78,3 +85,21 @@ def test_the_local_provider_with_worker_ips_is_an_on_premise_cluster_for_ray_up(
     path.write_text(yaml.safe_dump(document))
     launch = launch_plan(load_cluster(path), path)
     assert launch.up[1:] == ["up", "-y", str(path)] and not launch.on_this_machine
+
+
+def test_a_record_whose_pid_now_belongs_to_another_process_is_not_our_cluster(
+    tmp_path, monkeypatch
+):
+    """After a reboot the recorded PID may be some other process: `down` must not signal it."""
+    import json
+    import os
+
+    monkeypatch.setenv("SHIPYARD_CACHE", str(tmp_path))
+    cluster = load_cluster(CLUSTERS / "local.yaml")
+    record = tmp_path / "clusters" / "local.json"
+    record.parent.mkdir()
+    stale = {"pid": os.getpid(), "started": 1.0, "address": "127.0.0.1:1", "log": "x"}
+    record.write_text(json.dumps(stale))
+    assert recorded_address(cluster) is None
+    assert stop_local(cluster) is False  # nothing was up: the stale record is only cleared
+    assert not record.exists()

@@ -19,10 +19,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 
 from shipyard.errors import ResourceError
@@ -41,6 +42,8 @@ class Launch:
     down: list[str]
     environment: dict[str, str]
     address: str | None  # the head's GCS address, when Shipyard starts the head here
+    dashboard: str | None = None  # and its dashboard (Jobs API) URL
+    files: dict[Path, str] = field(default_factory=dict)  # written by `up` before it starts
 
     @property
     def on_this_machine(self) -> bool:
@@ -64,17 +67,16 @@ def launch_plan(
     address = f"127.0.0.1:{port}"
     head = [ray, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1"]
     head += ["--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
-    environment = {}
+    environment, files = {}, {}
     if cluster.provider == "fake_multinode":
         # Fake nodes join the GCS named in the provider (by default 6379, maybe taken).
         document["provider"]["gcs_address"] = address
         config = state_folder() / f"{cluster.name}.autoscaler.yaml"
-        config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(yaml.safe_dump(document))
+        files[config] = yaml.safe_dump(document)
         head_cpus = next(n.cpus for n in cluster.node_types if n.is_head)
         head += [f"--num-cpus={head_cpus:g}", f"--autoscaling-config={config}"]
         environment["RAY_FAKE_CLUSTER"] = "1"
-    return Launch(head, [], environment, address)
+    return Launch(head, [], environment, address, f"http://127.0.0.1:{dashboard_port}", files)
 
 
 def _runs_here(provider: dict[str, Any]) -> bool:
@@ -94,13 +96,15 @@ def expected_nodes(cluster: ClusterSpec) -> int:
 def start_local(cluster: ClusterSpec, launch: Launch, timeout_s: float = 300) -> dict[str, Any]:
     """Start the head in its own process group, record it, and wait for the cluster's nodes."""
     record = state_folder() / f"{cluster.name}.json"
-    if record.exists() and _alive(json.loads(record.read_text())["pid"]):
+    if record.exists() and _running(json.loads(record.read_text())):
         raise ResourceError(
             f"cluster {cluster.name!r} is already up ({record}). To fix: shipyard cluster down "
             f"{cluster.source} first."
         )
     log = state_folder() / f"{cluster.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in launch.files.items():  # e.g. the fake cluster's autoscaler config
+        path.write_text(text)
     head = subprocess.Popen(
         launch.up,
         stdout=log.open("w"),
@@ -108,7 +112,13 @@ def start_local(cluster: ClusterSpec, launch: Launch, timeout_s: float = 300) ->
         env={**os.environ, **launch.environment, "RAY_AUTH_MODE": "token"},
         start_new_session=True,  # its own process group: `down` stops this cluster only
     )
-    state = {"pid": head.pid, "address": launch.address, "log": str(log)}
+    state = {
+        "pid": head.pid,
+        "started": psutil.Process(head.pid).create_time(),
+        "address": launch.address,
+        "dashboard": launch.dashboard,
+        "log": str(log),
+    }
     _write_atomically(record, json.dumps(state))
     wanted, deadline = expected_nodes(cluster), time.monotonic() + timeout_s
     while (up := len(cluster_state(launch.address)["nodes"])) < wanted:
@@ -122,12 +132,14 @@ def start_local(cluster: ClusterSpec, launch: Launch, timeout_s: float = 300) ->
 
 
 def stop_local(cluster: ClusterSpec) -> bool:
-    """Stop the recorded head's process group (SIGTERM, then SIGKILL); False if none was up."""
+    """Stop the recorded head's process group (SIGTERM, then SIGKILL); False if none was up.
+    A stale record (its head gone) is cleared."""
     record = state_folder() / f"{cluster.name}.json"
     if not record.exists():
         return False
-    pid = json.loads(record.read_text())["pid"]
-    if _alive(pid):
+    state = json.loads(record.read_text())
+    pid, running = state["pid"], _running(state)
+    if running:
         os.killpg(pid, signal.SIGTERM)
         # A graceful Ray stop waits up to 30 s per actor; a few seconds is enough here.
         deadline = time.monotonic() + 10
@@ -136,15 +148,16 @@ def stop_local(cluster: ClusterSpec) -> bool:
         if _alive(pid):
             os.killpg(pid, signal.SIGKILL)
     record.unlink()
-    return True
+    return running
 
 
-def recorded_address(cluster: ClusterSpec) -> str | None:
+def recorded_address(cluster: ClusterSpec, kind: str = "address") -> str | None:
+    """The GCS `address` (or `dashboard` URL) of the cluster `up` started here, if it runs."""
     record = state_folder() / f"{cluster.name}.json"
     if not record.exists():
         return None
     state = json.loads(record.read_text())
-    return state["address"] if _alive(state["pid"]) else None
+    return state.get(kind) if _running(state) else None
 
 
 STATE_QUERY = """
@@ -190,6 +203,15 @@ def node_type_of(cluster: ClusterSpec, node: dict[str, Any]) -> str:
     if node["head"]:
         return next(node_type.name for node_type in cluster.node_types if node_type.is_head)
     return "(not in this YAML)"
+
+
+def _running(state: dict[str, Any]) -> bool:
+    """The recorded head still runs: its PID is alive and was started when the record says
+    (after a reboot the PID may belong to some other process)."""
+    try:
+        return psutil.Process(state["pid"]).create_time() == state.get("started")
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _alive(pid: int) -> bool:
