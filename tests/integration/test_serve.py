@@ -66,17 +66,22 @@ def test_zero0_and_zero3_exports_agree(layouts, runs_dir):
 
 @pytest.fixture(scope="module")
 def serving(ray_session, layouts, runs_dir):
-    """Deploy the ZeRO-3 run's export with given serve settings; one HTTP port for the module."""
+    """Deploy the ZeRO-3 run's export with given serve settings; one HTTP port for the module.
+    Tests asking for the settings already deployed share that deployment (the bad-request
+    cases then also show one server surviving all of them)."""
     from ray import serve
 
     layouts("zero3", zero_stage=3)
     export = export_checkpoint(latest_checkpoint(str(runs_dir), "zero3"))
     port = free_port()
+    deployed = {}
 
     def deploy(**settings) -> str:
         spec = ServeSpec(port=port, cpus_per_replica=0.25, **settings)
         service = Service(APP, export, spec)
-        deployment.deploy(service)
+        if deployed.get("spec") != spec:
+            deployment.deploy(service)
+            deployed["spec"] = spec
         return service.url
 
     deploy.export = export
