@@ -114,6 +114,42 @@ def _parser() -> argparse.ArgumentParser:
             each.add_argument("--address", help="default: the cluster `up` started, RAY_ADDRESS")
     cluster.set_defaults(command=_cluster)
 
+    submit = commands.add_parser(
+        "submit",
+        help="check and plan a job here, then run it on a cluster through Ray's Jobs API",
+    )
+    submit.add_argument("job", help="path of the job spec YAML")
+    submit.add_argument(
+        "--cluster", help="the cluster's YAML: plan for it (and find its Jobs API if `up` here)"
+    )
+    submit.add_argument(
+        "--run", choices=("train", "sweep", "serve"), default="train", help="what the job runs"
+    )
+    submit.add_argument(
+        "--address", help="Jobs API URL (default: RAY_API_SERVER_ADDRESS, or the cluster's)"
+    )
+    submit.add_argument(
+        "--follow", action="store_true", help="stream its logs until it ends (exit 1 unless ok)"
+    )
+    submit.set_defaults(command=_submit)
+
+    jobs = commands.add_parser("jobs", help="the jobs of a cluster: list, status, logs, stop")
+    job_actions = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (
+        ("list", "every job the cluster knows, newest first"),
+        ("status", "one job's status, times and entrypoint"),
+        ("logs", "one job's logs (--follow: until it ends)"),
+        ("stop", "stop one job and wait until it has"),
+    ):
+        each = job_actions.add_parser(action, help=text)
+        if action != "list":
+            each.add_argument("id", help="the submission id `shipyard submit` printed")
+        if action == "logs":
+            each.add_argument("--follow", action="store_true", help="stream until the job ends")
+        each.add_argument("--cluster", help="a cluster YAML brought up here with `cluster up`")
+        each.add_argument("--address", help="Jobs API URL (default: RAY_API_SERVER_ADDRESS)")
+    jobs.set_defaults(command=_jobs)
+
     artifacts = commands.add_parser(
         "artifacts", help="publish a job's trained model (with its spec, plan and metrics)"
     )
@@ -229,6 +265,102 @@ def _cluster_status(spec, args: argparse.Namespace, console: Console) -> int:
         jobs.add_row(job["id"], job["status"].rsplit(".", 1)[-1], job["entrypoint"] or "")
     console.print(jobs)
     return 0
+
+
+def _submit(args: argparse.Namespace, console: Console) -> int:
+    import tempfile
+
+    from shipyard.errors import SpecError
+    from shipyard.runtime import jobs
+    from shipyard.spec.load import load_cluster, load_job
+    from shipyard.train.trainer import check_resumable, plan_for
+
+    # Everything that can be refused is refused here, before anything is sent.
+    job = load_job(args.job)
+    if args.run == "sweep" and job.sweep is None:
+        raise SpecError(f"{args.job}: --run sweep needs a sweep: section. To fix: add one.")
+    cluster = load_cluster(args.cluster) if args.cluster else None
+    _usable_stores(job)
+    if args.run == "train":
+        check_resumable(job)
+    plan = plan_for(job, cluster)
+    address = jobs.jobs_address(args.address, _recorded_dashboard(cluster))
+    client = jobs.client_for(address)
+    with tempfile.TemporaryDirectory(prefix="shipyard-submit-") as folder:
+        cluster_file = Path(args.cluster) if args.cluster else None
+        submission = jobs.prepare(job, plan, args.run, Path(folder), cluster_file)
+        jobs.submit(client, submission)
+        recorded = jobs.record(job, submission, Path(folder), address)
+    console.print(
+        f"Submitted {submission.id} to {address}: {submission.entrypoint}\n"
+        f"Spec, plan and version recorded in {recorded}\n"
+        f"Follow it: shipyard jobs logs {submission.id} --follow --address {address}",
+        highlight=False,
+    )
+    if cluster and not cluster.is_local and not job.storage.startswith("s3://"):
+        console.print(
+            f"[yellow]note:[/] storage {job.storage} is a folder: on a remote cluster the "
+            "checkpoints stay on its nodes' disks. Use storage: s3://bucket/prefix to keep them.",
+            highlight=False,
+        )
+    if args.follow:
+        return _follow_job(client, submission.id, console)
+    return 0
+
+
+def _jobs(args: argparse.Namespace, console: Console) -> int:
+    from shipyard.runtime import jobs
+    from shipyard.spec.load import load_cluster
+
+    cluster = load_cluster(args.cluster) if args.cluster else None
+    client = jobs.client_for(jobs.jobs_address(args.address, _recorded_dashboard(cluster)))
+    if args.action == "list":
+        _print_jobs(jobs.list_jobs(client), console)
+    elif args.action == "status":
+        info = jobs.status(client, args.id)
+        for name in ("status", "message", "entrypoint", "start_time", "end_time", "metadata"):
+            console.print(f"{name + ':':12} {_job_field(info, name)}", highlight=False)
+    elif args.action == "logs" and args.follow:
+        return _follow_job(client, args.id, console)
+    elif args.action == "logs":
+        print(jobs.logs(client, args.id), end="")
+    else:
+        console.print(f"job {args.id}: {jobs.stop(client, args.id)}")
+    return 0
+
+
+def _follow_job(client, submission_id: str, console: Console) -> int:
+    from shipyard.runtime import jobs
+
+    state = jobs.follow(client, submission_id, lambda lines: print(lines, end="", flush=True))
+    console.print(f"job {submission_id}: {state}", highlight=False)
+    return 0 if state == "SUCCEEDED" else 1
+
+
+def _print_jobs(found: list, console: Console) -> None:
+    """One line per job, whole (a table would fold long ids at a narrow terminal)."""
+    console.print(f"{len(found)} jobs", highlight=False)
+    for info in found:
+        fields = [info.submission_id or info.job_id, _job_field(info, "status")]
+        fields += [_job_field(info, "start_time") or "-", info.entrypoint or ""]
+        console.print("  ".join(fields), highlight=False)
+
+
+def _job_field(info, name: str) -> str:
+    from datetime import datetime
+
+    value = getattr(info, name, None)
+    if value is None:
+        return ""
+    if name.endswith("_time"):  # the Jobs API gives milliseconds since the epoch
+        return datetime.fromtimestamp(value / 1000).isoformat(sep=" ", timespec="seconds")
+    return str(getattr(value, "value", value))
+
+
+def _recorded_dashboard(cluster) -> str | None:
+    from shipyard.runtime import cluster as launcher
+
+    return launcher.recorded_address(cluster, "dashboard") if cluster else None
 
 
 def _artifacts(args: argparse.Namespace, console: Console) -> int:
