@@ -131,6 +131,12 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument(
         "--follow", action="store_true", help="stream its logs until it ends (exit 1 unless ok)"
     )
+    submit.add_argument(
+        "--install-deps",
+        action="store_true",
+        help="have Ray install Shipyard's pinned requirements (a virtualenv per cluster) "
+        "instead of checking the nodes already have them",
+    )
     submit.set_defaults(command=_submit)
 
     jobs = commands.add_parser("jobs", help="the jobs of a cluster: list, status, logs, stop")
@@ -288,7 +294,9 @@ def _submit(args: argparse.Namespace, console: Console) -> int:
     client = jobs.client_for(address)
     with tempfile.TemporaryDirectory(prefix="shipyard-submit-") as folder:
         cluster_file = Path(args.cluster) if args.cluster else None
-        submission = jobs.prepare(job, plan, args.run, Path(folder), cluster_file)
+        submission = jobs.prepare(
+            job, plan, args.run, Path(folder), cluster_file, install_deps=args.install_deps
+        )
         jobs.submit(client, submission)
         recorded = jobs.record(job, submission, Path(folder), address)
     console.print(

@@ -109,7 +109,7 @@ def start_local(cluster: ClusterSpec, launch: Launch, timeout_s: float = 300) ->
         launch.up,
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
-        env={**os.environ, **launch.environment, "RAY_AUTH_MODE": "token"},
+        env={**os.environ, **launch.environment, **_jobs_use_this_python(cluster)},
         start_new_session=True,  # its own process group: `down` stops this cluster only
     )
     state = {
@@ -203,6 +203,20 @@ def node_type_of(cluster: ClusterSpec, node: dict[str, Any]) -> str:
     if node["head"]:
         return next(node_type.name for node_type in cluster.node_types if node_type.is_head)
     return "(not in this YAML)"
+
+
+def _jobs_use_this_python(cluster: ClusterSpec) -> dict[str, str]:
+    """The head's environment: token authentication, and a `python` first on PATH that runs
+    this Python (the virtualenv Ray and Shipyard are installed in), as a cluster image's would
+    for a job's entrypoint. Only `python`: the rest of PATH (e.g. the system's ninja, which
+    DeepSpeed's cached JIT ops were built with) stays as it is."""
+    folder = state_folder() / f"{cluster.name}.bin"
+    folder.mkdir(parents=True, exist_ok=True)
+    python = folder / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    path = os.pathsep.join([str(folder), os.environ["PATH"]])
+    return {"RAY_AUTH_MODE": "token", "PATH": path}
 
 
 def _running(state: dict[str, Any]) -> bool:

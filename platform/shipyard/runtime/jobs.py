@@ -1,10 +1,12 @@
 """Shipyard commands as jobs on a running cluster, through Ray's Jobs API.
 
 A submission is checked and planned here first, so a bad spec never reaches the cluster. The
-job then ships as a runtime environment: a folder with the spec (and the cluster YAML), the
-Shipyard package itself and its pinned requirements; the entrypoint is the same `shipyard`
-command a user would type on the head. The spec, the plan and the Shipyard version are recorded
-beside the job's checkpoints, so any run can be reproduced.
+job then ships as a runtime environment: a folder with the spec (and the cluster YAML) and
+Shipyard's pinned requirements, and the Shipyard package itself. The entrypoint first checks the
+cluster's Python has those pins (or, with `install_deps`, Ray's pip plugin installs them into a
+virtualenv per cluster), then runs the same `shipyard` command a user would type on the head.
+The spec, the plan and the versions are recorded beside the job's checkpoints, so any run can be
+reproduced.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from shipyard.storage import open_store
 COMMANDS = ("train", "sweep", "serve")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 RECORDS = "submissions"  # <storage>/<job>/submissions/<id>/{job.yaml, plan.json, submission.json}
+REQUIREMENTS = "requirements.txt"  # in the job's working folder
 # Settings that tell the cluster where S3 is; credentials stay out of the job's (visible) info.
 FORWARDED_ENVIRONMENT = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
 
@@ -57,22 +60,26 @@ def prepare(
     command: str,
     staging: Path,
     cluster_file: Path | None = None,
+    install_deps: bool = False,
 ) -> Submission:
     """Write the job's working folder into `staging` and describe the submission."""
     submission_id = f"{job.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{os.urandom(2).hex()}"
     staging.mkdir(parents=True, exist_ok=True)
     (staging / "job.yaml").write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
     (staging / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
-    entrypoint = f"python -m shipyard {command} job.yaml"
+    (staging / REQUIREMENTS).write_text("\n".join(pinned_requirements()) + "\n")
+    command_line = f"python -m shipyard {command} job.yaml"
     if cluster_file is not None and command == "train":
         shutil.copyfile(cluster_file, staging / "cluster.yaml")
-        entrypoint += " --cluster cluster.yaml"
+        command_line += " --cluster cluster.yaml"
     runtime_env = {
         "working_dir": str(staging),
         "py_modules": [str(Path(shipyard.__file__).parent)],
-        "pip": pinned_requirements(),
         "env_vars": {k: os.environ[k] for k in FORWARDED_ENVIRONMENT if k in os.environ},
     }
+    if install_deps:  # a virtualenv per cluster; slow to build beside a large torch install
+        runtime_env["pip"] = pinned_requirements()
+    entrypoint = f"python -m shipyard.runtime.requirements {REQUIREMENTS} && {command_line}"
     facts = {"shipyard_job": job.name, "shipyard_version": shipyard.__version__}
     return Submission(submission_id, command, entrypoint, runtime_env, facts)
 
@@ -95,7 +102,8 @@ def record(job: JobSpec, submission: Submission, staging: Path, address: str) ->
         "submitted_at": datetime.now(UTC).isoformat(),
         "shipyard_version": shipyard.__version__,
         "python": sys.version.split()[0],
-        "requirements": submission.runtime_env["pip"],
+        "requirements": pinned_requirements(),
+        "installed_by_ray": "pip" in submission.runtime_env,
     }
     store.upload(staging / "job.yaml", f"{folder}/job.yaml")
     store.upload(staging / "plan.json", f"{folder}/plan.json")
