@@ -129,8 +129,10 @@ def finished_trials(output: str) -> set[str]:
 
 
 def test_pbt_continues_a_weak_trial_from_a_strong_ones_checkpoint(ray_session, tmp_path):
-    """Two trials, lr 3e-3 and 1e-5: at a perturbation the weak one takes the strong one's
-    checkpoint and goes on with its own (perturbed) lr; nothing of the sweep is left running."""
+    """Two trials, lr 3e-3 and 1e-5: at the perturbation at step 8 the weak one takes the
+    strong one's checkpoint and goes on with its own (perturbed) lr; nothing of the sweep is
+    left running. Synchronous PBT: the trial ahead waits at step 8 for the other, so the
+    exploit does not depend on how far apart Ray started them."""
     job = sweep_job(
         "pbt",
         tmp_path,
@@ -138,9 +140,11 @@ def test_pbt_continues_a_weak_trial_from_a_strong_ones_checkpoint(ray_session, t
             "space": {"train.lr": {"grid": [3e-3, 1e-5]}},
             "num_samples": 1,
             "scheduler": "pbt",
-            "pbt": {"perturbation_interval": 8, "quantile_fraction": 0.5},
+            "pbt": {"perturbation_interval": 8, "quantile_fraction": 0.5, "synch": True},
         },
-        max_steps=32,  # room to train after an exploit, whichever trial runs ahead
+        max_steps=12,  # one perturbation, then 4 steps of the exploited checkpoint
+        eval_every=4,
+        checkpoint_every=4,
     )
     address = ray_session.get_runtime_context().gcs_address
     alive_before = {a.actor_id for a in list_actors(address=address) if a.state == "ALIVE"}

@@ -27,6 +27,7 @@ import psutil
 import yaml
 
 from shipyard.errors import ResourceError
+from shipyard.runtime.local import free_port
 from shipyard.spec.cluster import ClusterSpec, labels_match
 from shipyard.spec.load import read_yaml
 from shipyard.storage import cache_root
@@ -67,6 +68,9 @@ def launch_plan(
     address = f"127.0.0.1:{port}"
     head = [ray, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1"]
     head += ["--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+    # The dashboard agent (which runs Jobs API submissions) listens on 52365 by default; with
+    # another Ray on this machine holding it, the agent fails and no job can be submitted.
+    head.append(f"--dashboard-agent-listen-port={free_port()}")
     environment, files = {}, {}
     if cluster.provider == "fake_multinode":
         # Fake nodes join the GCS named in the provider (by default 6379, maybe taken).

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -111,16 +112,24 @@ def record(job: JobSpec, submission: Submission, staging: Path, address: str) ->
     return f"{store.uri}/{folder}"
 
 
-def submit(client, submission: Submission) -> str:
-    """Send the job; its id."""
-    return _call(
-        lambda: client.submit_job(
-            entrypoint=submission.entrypoint,
-            submission_id=submission.id,
-            runtime_env=submission.runtime_env,
-            metadata=submission.metadata,
-        )
-    )
+def submit(client, submission: Submission, timeout_s: float = 60) -> str:
+    """Send the job; its id. A head that has just started may have no job agent registered
+    yet ("No available agent ..., please try again later"): try again, for `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return _call(
+                lambda: client.submit_job(
+                    entrypoint=submission.entrypoint,
+                    submission_id=submission.id,
+                    runtime_env=submission.runtime_env,
+                    metadata=submission.metadata,
+                )
+            )
+        except JobsError as error:
+            if "No available agent" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
 
 
 def client_for(address: str):
@@ -178,8 +187,6 @@ def follow(client, submission_id: str, write: Callable[[str], None]) -> str:
 
 def stop(client, submission_id: str, timeout_s: float = 60) -> str:
     """Ask the job to stop and wait until it has; its final status."""
-    import time
-
     _call(lambda: client.stop_job(submission_id))
     deadline = time.monotonic() + timeout_s
     while (state := _status_name(status(client, submission_id).status)) not in TERMINAL:

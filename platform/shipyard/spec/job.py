@@ -243,6 +243,11 @@ class PbtSpec(Strict):
     perturbation_interval: int = Field(20, ge=1, description="in optimizer steps")
     quantile_fraction: float = Field(0.25, gt=0, le=0.5)
     resample_probability: float = Field(0.25, ge=0, le=1)
+    synch: bool = Field(
+        False,
+        description="synchronous PBT: trials ahead pause at each perturbation until all are "
+        "there, so who exploits whom never depends on which trial started first",
+    )
 
 
 class SweepSpec(Strict):

@@ -165,6 +165,7 @@ def scheduler(job: JobSpec, dimensions: tuple[Dimension, ...]):
             perturbation_interval=settings.perturbation_interval,
             quantile_fraction=settings.quantile_fraction,
             resample_probability=settings.resample_probability,
+            synch=settings.synch,
             hyperparam_mutations={d.path: d.to_mutation() for d in dimensions},
         )
     from ray.tune.schedulers import FIFOScheduler
