@@ -35,6 +35,9 @@ def test_local_yaml_starts_a_head_on_loopback_only():
     assert launch.up[1:5] == ["start", "--head", "--block", "--port=7001"]
     assert "--node-ip-address=127.0.0.1" in launch.up and "--dashboard-host=127.0.0.1" in launch.up
     assert launch.environment == {}
+    # A free port, not Ray's fixed default 52365, which another Ray on this machine may hold.
+    (agent,) = [a for a in launch.up if a.startswith("--dashboard-agent-listen-port=")]
+    assert int(agent.split("=")[1]) > 0
 
 
 def test_fake_multinode_points_its_nodes_at_our_head(tmp_path, monkeypatch):
