@@ -60,8 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("job", help="path of the job spec YAML whose model to serve")
     serve.add_argument(
         "--checkpoint",
-        help="checkpoint or export folder, or an artifacts location (s3://bucket/prefix) to "
-        "serve the latest published version from (default: the job's latest checkpoint)",
+        help="checkpoint (a folder or s3://…/checkpoint_…) or export folder, or an artifacts "
+        "location (s3://bucket/prefix) to serve the latest published version from (default: "
+        "the job's latest checkpoint)",
     )
     serve.add_argument("--host", help="HTTP host (default: serve.host, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="HTTP port (default: serve.port, 8000)")

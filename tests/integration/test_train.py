@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from shipyard.serve.deployment import prepare_service
 from shipyard.serve.export import export_checkpoint, load_exported_model
 from shipyard.storage import open_store
 from shipyard.train.checkpoint import latest_checkpoint, local_copy, saved_checkpoints
@@ -93,6 +94,9 @@ def test_run_stopped_halfway_resumes_from_s3_to_the_same_loss(layouts, s3, tmp_p
     latest = local_copy(latest_checkpoint(job.storage, job.name), tmp_path / "download")
     model = load_exported_model(export_checkpoint(latest))
     assert validation_loss(model, job) == pytest.approx(second.final["val_loss"], rel=1e-4)
+    # `shipyard serve --checkpoint s3://…/checkpoint_…` serves that training checkpoint.
+    served = prepare_service(job, second.checkpoint_path).export
+    assert served.step == 24 and served.sha256 == export_checkpoint(latest).sha256
 
 
 def test_killed_worker_is_restarted_from_the_last_checkpoint_on_s3(layouts, runs_dir, s3):

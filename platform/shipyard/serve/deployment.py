@@ -150,13 +150,17 @@ def _export_for(job: JobSpec, checkpoint: str | None) -> ExportedModel:
                 f"(shipyard train …), or give --checkpoint PATH."
             )
         return export_checkpoint(local_copy(saved, run_folder(job.storage, job.name)))
-    if checkpoint.startswith("s3://"):  # a published artifacts location: its latest version
+    if checkpoint.startswith("s3://"):
         from shipyard.artifacts import EXPORT, fetch
         from shipyard.storage import open_store
 
         store = open_store(checkpoint)
         store.check()
-        pulled = fetch(store, job.name, run_folder(job.storage, job.name) / "artifacts")
+        run = run_folder(job.storage, job.name)
+        if store.get_text(METADATA_FILE) is not None:  # a training checkpoint on S3
+            return export_checkpoint(local_copy(read_checkpoint(checkpoint), run))
+        # A published artifacts location: its latest version.
+        pulled = fetch(store, job.name, run / "artifacts")
         return read_export(pulled / EXPORT)
     folder = Path(checkpoint).expanduser().resolve()
     if (folder / MANIFEST_FILE).is_file():

@@ -64,7 +64,13 @@ def latest_checkpoint(storage: str, job_name: str) -> SavedCheckpoint | None:
 
 
 def read_checkpoint(folder: str | Path) -> SavedCheckpoint:
-    """The checkpoint in `folder`, from the metadata rank 0 wrote beside DeepSpeed's files."""
+    """The checkpoint in `folder` (or at s3://…), from the metadata rank 0 wrote beside
+    DeepSpeed's files."""
+    if is_remote(folder):
+        text = open_store(folder).get_text(METADATA_FILE)
+        if text is None:
+            raise FileNotFoundError(f"{folder}/{METADATA_FILE}")
+        return _saved(str(folder).rstrip("/"), json.loads(text))
     return _saved(str(folder), json.loads((Path(folder) / METADATA_FILE).read_text()))
 
 
