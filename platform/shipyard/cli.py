@@ -280,6 +280,7 @@ def _submit(args: argparse.Namespace, console: Console) -> int:
     from shipyard.errors import SpecError
     from shipyard.runtime import jobs
     from shipyard.spec.load import load_cluster, load_job
+    from shipyard.storage import is_remote
     from shipyard.train.trainer import check_resumable, plan_for
 
     # Everything that can be refused is refused here, before anything is sent.
@@ -306,7 +307,7 @@ def _submit(args: argparse.Namespace, console: Console) -> int:
         f"Follow it: shipyard jobs logs {submission.id} --follow --address {address}",
         highlight=False,
     )
-    if cluster and not cluster.is_local and not job.storage.startswith("s3://"):
+    if cluster and not cluster.is_local and not is_remote(job.storage):
         console.print(
             f"[yellow]note:[/] storage {job.storage} is a folder: on a remote cluster the "
             "checkpoints stay on its nodes' disks. Use storage: s3://bucket/prefix to keep them.",
@@ -358,12 +359,14 @@ def _print_jobs(found: list, console: Console) -> None:
 def _job_field(info, name: str) -> str:
     from datetime import datetime
 
+    from shipyard.runtime.jobs import status_name
+
     value = getattr(info, name, None)
     if value is None:
         return ""
     if name.endswith("_time"):  # the Jobs API gives milliseconds since the epoch
         return datetime.fromtimestamp(value / 1000).isoformat(sep=" ", timespec="seconds")
-    return str(getattr(value, "value", value))
+    return status_name(value)
 
 
 def _recorded_dashboard(cluster) -> str | None:

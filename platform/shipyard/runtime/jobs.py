@@ -182,21 +182,22 @@ def follow(client, submission_id: str, write: Callable[[str], None]) -> str:
             write(lines)
 
     asyncio.run(tail())
-    return _status_name(status(client, submission_id).status)
+    return status_name(status(client, submission_id).status)
 
 
 def stop(client, submission_id: str, timeout_s: float = 60) -> str:
     """Ask the job to stop and wait until it has; its final status."""
     _call(lambda: client.stop_job(submission_id))
     deadline = time.monotonic() + timeout_s
-    while (state := _status_name(status(client, submission_id).status)) not in TERMINAL:
+    while (state := status_name(status(client, submission_id).status)) not in TERMINAL:
         if time.monotonic() > deadline:
             raise JobsError(f"job {submission_id} is still {state} after {timeout_s:.0f} s.")
         time.sleep(0.5)
     return state
 
 
-def _status_name(value: Any) -> str:
+def status_name(value: Any) -> str:
+    """A Jobs API enum (or plain value) as its plain text, e.g. SUCCEEDED."""
     return str(getattr(value, "value", value))
 
 

@@ -17,6 +17,7 @@ from shipyard.errors import ShipyardError
 from shipyard.serve.app import DEPLOYMENT_NAME, build_app, deployment_options
 from shipyard.serve.export import MANIFEST_FILE, ExportedModel, export_checkpoint, read_export
 from shipyard.spec.job import JobSpec, ServeSpec
+from shipyard.storage import is_remote, open_store
 from shipyard.train.checkpoint import (
     METADATA_FILE,
     latest_checkpoint,
@@ -150,16 +151,18 @@ def _export_for(job: JobSpec, checkpoint: str | None) -> ExportedModel:
                 f"(shipyard train …), or give --checkpoint PATH."
             )
         return export_checkpoint(local_copy(saved, run_folder(job.storage, job.name)))
-    if checkpoint.startswith("s3://"):
+    if is_remote(checkpoint):
         from shipyard.artifacts import EXPORT, fetch
-        from shipyard.storage import open_store
 
         store = open_store(checkpoint)
         store.check()
         run = run_folder(job.storage, job.name)
-        if store.get_text(METADATA_FILE) is not None:  # a training checkpoint on S3
-            return export_checkpoint(local_copy(read_checkpoint(checkpoint), run))
-        # A published artifacts location: its latest version.
+        try:
+            saved = read_checkpoint(checkpoint)
+        except FileNotFoundError:  # no checkpoint metadata there: an artifacts location
+            saved = None
+        if saved is not None:  # a training checkpoint on S3
+            return export_checkpoint(local_copy(saved, run))
         pulled = fetch(store, job.name, run / "artifacts")
         return read_export(pulled / EXPORT)
     folder = Path(checkpoint).expanduser().resolve()

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from shipyard.errors import SpecError
 from shipyard.spec.cluster import ClusterSpec, parse_cluster
 from shipyard.spec.job import JobSpec
+from shipyard.storage import is_remote
 
 Spec = TypeVar("Spec", bound=BaseModel)
 
@@ -30,7 +31,7 @@ def load_job(path: str | os.PathLike[str]) -> JobSpec:
     resolved = {
         field: str(Path(location).expanduser().resolve())
         for field, location in (("storage", job.storage), ("artifacts", job.artifacts))
-        if location and not location.startswith("s3://")
+        if location and not is_remote(location)
     }
     return job.model_copy(update=resolved)
 

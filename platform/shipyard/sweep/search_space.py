@@ -18,6 +18,7 @@ from typing import Any
 from shipyard.errors import SpecError
 from shipyard.spec.job import JobSpec
 from shipyard.spec.load import spec_section, validate
+from shipyard.storage import is_remote
 from shipyard.train.checkpoint import STATE_SHAPING_FIELDS
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
@@ -65,7 +66,7 @@ def check_sweep(job: JobSpec, source: str) -> tuple[Dimension, ...]:
     """The job's search space, checked against the job and against the sweep's scheduler."""
     assert job.sweep is not None
     sweep = job.sweep
-    if job.storage.startswith("s3://"):
+    if is_remote(job.storage):
         raise SpecError(
             f"{source}: storage: {job.storage!r}: a sweep keeps Tune's experiment, its trials' "
             "checkpoints and its report in a folder; S3 is not supported for sweeps yet. To fix: "
