@@ -21,7 +21,7 @@ from shipyard.spec.job import JobSpec
 from shipyard.spec.load import validate
 from shipyard.sweep.history import by_trial, read_history
 from shipyard.sweep.search_space import check_sweep
-from shipyard.sweep.tuner import run_sweep
+from shipyard.sweep.tuner import run_sweep, sweep_folder
 
 WITHIN = 1.02
 
@@ -39,9 +39,9 @@ def main() -> None:
     for scheduler in ("fifo", "asha"):
         job = benchmark_job(scheduler, storage, args)
         started = time.perf_counter()
-        setup, _ = run_sweep(job, check_sweep(job, "benchmark"), callbacks=[])
+        run_sweep(job, check_sweep(job, "benchmark"), callbacks=[])
         wall[scheduler] = time.perf_counter() - started
-        histories[scheduler] = read_history(setup.folder)
+        histories[scheduler] = read_history(sweep_folder(job))
 
     best = min(row["val_loss"] for rows in histories.values() for row in rows)
     target = best * WITHIN

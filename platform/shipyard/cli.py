@@ -479,6 +479,7 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
     from shipyard.errors import SpecError
     from shipyard.runtime.local import ray_runtime
     from shipyard.spec.load import load_job
+    from shipyard.storage import is_remote
     from shipyard.sweep.report import TrialTable, results_table, write_results
     from shipyard.sweep.search_space import check_sweep
     from shipyard.sweep.tuner import check_resumable_sweep, run_sweep, unfinished_trials
@@ -490,6 +491,7 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
             "sweep:\n  space:\n    train.lr: {loguniform: [1.0e-4, 3.0e-3]}"
         )
     dimensions = check_sweep(job, args.job)
+    _usable_stores(job)  # a missing bucket or refused credentials fail here too
     check_resumable_sweep(job, must_resume=args.resume)
     paths = [dimension.path for dimension in dimensions]
 
@@ -498,7 +500,7 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
         console.print(
             f"[bold]{job.name}[/]: {verb} a {job.sweep.scheduler} sweep of "
             f"{job.sweep.num_samples} samples over {', '.join(paths)}, "
-            f"{setup.concurrent_trials} trials at a time, in {setup.folder}",
+            f"{setup.concurrent_trials} trials at a time, in {setup.location}",
             highlight=False,
         )
 
@@ -507,21 +509,22 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
         setup, grid = run_sweep(
             job, dimensions, callbacks=[table], must_resume=args.resume, on_setup=announce
         )
-        unfinished = unfinished_trials(setup.folder)
+        unfinished = unfinished_trials(setup.location)
         if unfinished:
             console.print(
                 f"Interrupted with {len(unfinished)} trials unfinished; the sweep's state is "
-                f"saved in {setup.folder}. To resume: shipyard sweep {args.job}"
+                f"saved in {setup.location}. To resume: shipyard sweep {args.job}"
             )
             return 130
-        report = write_results(grid, job, paths, setup.folder)
+        report = write_results(grid, job, paths, setup.location)
+    copied = f"  (the last three also in {report.location})\n" if is_remote(job.storage) else ""
     console.print(results_table(report, paths, job.sweep.metric))
     console.print(
         f"Best: trial {report.best_trial}, {job.sweep.metric} {report.best_metric:.4f}\n"
         f"  checkpoint: {report.best_checkpoint}\n"
         f"  job spec:   {report.best_job_file}\n"
         f"  results:    {report.results_file}\n"
-        f"  plot:       {report.plot_file}\n"
+        f"  plot:       {report.plot_file}\n{copied}"
         f"Next: shipyard serve {report.best_job_file} --checkpoint {report.best_checkpoint}",
         highlight=False,
     )

@@ -16,6 +16,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -172,7 +174,8 @@ class S3Store:
             Bucket=self.bucket, Prefix=self._key(prefix)
         )
         for page in pages:
-            found += [item["Key"] for item in page.get("Contents", [])]
+            # Keys ending in "/" are folder markers (pyarrow writes them), not files.
+            found += [item["Key"] for item in page.get("Contents", []) if item["Key"][-1] != "/"]
         strip = len(self._key(""))
         return sorted(key[strip:] for key in found)
 
@@ -263,6 +266,44 @@ def ray_storage(uri: str) -> tuple[str, Any]:
     return store.uri.removeprefix("s3://"), store.arrow_filesystem()
 
 
+def from_ray_storage(path: str, filesystem: Any) -> str:
+    """The inverse of `ray_storage`: a location as Ray names it (a checkpoint's path and file
+    system) as Shipyard names it."""
+    if filesystem is not None and filesystem.type_name == "s3":
+        return f"s3://{path}"
+    return path
+
+
+def remove_folder(uri: str) -> None:
+    """Delete a folder, or every object under an S3 prefix; nothing there is not an error."""
+    path, filesystem = ray_storage(uri)
+    if filesystem is None:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    with suppress(FileNotFoundError):
+        filesystem.delete_dir(path)
+
+
+@contextmanager
+def mirrored_file(location: str, key: str) -> Iterator[Path]:
+    """The file `key` of a storage location as a file on this machine. On S3 it is fetched first
+    if this machine has no copy, and uploaded back afterwards, also after a failure or Ctrl-C,
+    so a run continued on another machine continues the file."""
+    path = local_mirror(location) / key
+    if not is_remote(location):
+        yield path
+        return
+    store = open_store(location)
+    if not path.is_file() and store.get_text(key) is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store.download(key, path)
+    try:
+        yield path
+    finally:
+        if path.is_file():
+            store.upload(path, key)
+
+
 def download_folder(store: Store, prefix: str, target: Path) -> Path:
     """Every object under `prefix/` into `target`, which appears only once all are there."""
     if target.exists():
@@ -271,8 +312,6 @@ def download_folder(store: Store, prefix: str, target: Path) -> Path:
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         for key in store.keys(f"{prefix}/"):
-            if key.endswith("/"):  # a folder marker, as pyarrow writes them
-                continue
             local = staging / key.removeprefix(f"{prefix}/")
             local.parent.mkdir(parents=True, exist_ok=True)
             store.download(key, local)

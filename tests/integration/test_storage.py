@@ -16,10 +16,14 @@ from shipyard.runtime.local import free_port
 from shipyard.storage import (
     ChecksumError,
     StorageError,
+    from_ray_storage,
     latest,
+    mirrored_file,
     open_store,
     publish,
     pull,
+    ray_storage,
+    remove_folder,
     versions,
 )
 from tests.conftest import start_moto_server
@@ -125,3 +129,36 @@ def test_refused_credentials_are_a_clear_error(tmp_path, monkeypatch):
     finally:
         server.kill()
         server.wait()
+
+
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_a_mirrored_file_continues_on_another_machine(where, request, tmp_path, monkeypatch):
+    """What one machine appended is there for the next, even when the first one failed."""
+    location = request.getfixturevalue("s3") + "/sweep" if where == "s3" else str(tmp_path / "x")
+    monkeypatch.setenv("SHIPYARD_CACHE", str(tmp_path / "first-machine"))
+    with pytest.raises(KeyboardInterrupt), mirrored_file(location, "history.jsonl") as path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("one\n")
+        raise KeyboardInterrupt
+    monkeypatch.setenv("SHIPYARD_CACHE", str(tmp_path / "second-machine"))
+    with mirrored_file(location, "history.jsonl") as path:
+        assert path.read_text() == "one\n"
+        with path.open("a") as file:
+            file.write("two\n")
+    assert open_store(location).get_text("history.jsonl") == "one\ntwo\n"
+
+
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_remove_folder_deletes_everything_under_it_and_nothing_beside(where, request, tmp_path):
+    root = request.getfixturevalue("s3") + "/runs" if where == "s3" else str(tmp_path / "runs")
+    store = open_store(root)
+    for key in ("scratch/a/one.txt", "scratch/two.txt", "scratch-kept.txt", "kept/three.txt"):
+        store.put_text(key, key)
+    remove_folder(f"{root}/scratch")
+    remove_folder(f"{root}/never-written")  # nothing there is not an error
+    assert store.keys("") == ["kept/three.txt", "scratch-kept.txt"]
+
+
+def test_ray_locations_round_trip(s3, tmp_path):
+    for location in (f"{s3}/runs/job", str(tmp_path / "runs")):
+        assert from_ray_storage(*ray_storage(location)) == location

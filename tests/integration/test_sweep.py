@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import re
@@ -16,14 +17,20 @@ from ray.util.state import list_actors, list_placement_groups
 
 from shipyard.serve.export import export_checkpoint, load_exported_model
 from shipyard.spec.job import JobSpec
-from shipyard.spec.load import load_job, validate
+from shipyard.spec.load import validate
+from shipyard.storage import open_store
 from shipyard.sweep.history import read_history
 from shipyard.sweep.report import TrialTable
 from shipyard.sweep.search_space import check_sweep
 from shipyard.sweep.tuner import run_sweep, sweep_folder
-from shipyard.train.checkpoint import read_checkpoint
+from shipyard.train.checkpoint import local_copy, read_checkpoint
 from shipyard.train.schedule import lr_factor
-from tests.integration.conftest import TINY_JOB, validation_loss, wait_for
+from tests.integration.conftest import (
+    TINY_JOB,
+    validation_loss,
+    wait_for,
+    without_ray_address,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -52,17 +59,22 @@ def sweep_job(name: str, storage, sweep: dict, **train) -> JobSpec:
     return validate(JobSpec, document, source=f"<test job {name}>")
 
 
-def test_interrupted_asha_sweep_resumes_and_reports_its_best(ray_session, tmp_path):
-    """`shipyard sweep` as a user runs it: Ctrl-C once a trial is done, run it again.
+def test_interrupted_asha_sweep_on_s3_resumes_elsewhere_and_reports_its_best(
+    ray_session, s3, tmp_path
+):
+    """`shipyard sweep` as a user runs it, with `storage: s3://…`: Ctrl-C once two trials are
+    done, then run it again as another machine would (an empty SHIPYARD_CACHE).
 
     Three trials, lr 3e-3, 1e-5 and 3e-5, one at a time, so ASHA's cut at step 8 is certain to
-    stop the second. Ctrl-C comes once two trials are done. The re-run must not start those
-    again, and its best checkpoint must evaluate to the metric it reports. (Tune does not save
-    a scheduler's state: after the resume ASHA's rungs start empty.)
+    stop the second. The re-run must not start the finished trials again; the report on S3 must
+    rank all three with the history of both runs; and the best checkpoint, on S3, must evaluate
+    to the metric it reports. (Tune does not save a scheduler's state: after the resume ASHA's
+    rungs start empty.) Each run starts its own embedded Ray, as `shipyard sweep` does, so its
+    trials see this S3 server's settings (the session's Ray is for the evaluation).
     """
     job = sweep_job(
         "cli-asha",
-        tmp_path / "runs",
+        f"{s3}/runs",
         {
             "space": {"train.lr": {"grid": [3e-3, 1e-5, 3e-5]}},
             "num_samples": 1,
@@ -73,18 +85,14 @@ def test_interrupted_asha_sweep_resumes_and_reports_its_best(ray_session, tmp_pa
     )
     job_path = tmp_path / "cli-asha.yaml"
     job_path.write_text(yaml.safe_dump(job.model_dump(mode="json")))
-    # Joining the session's Ray spares two Ray starts; Ray 2.60 sends the token to an
-    # explicit address only with RAY_AUTH_MODE=token.
-    address = ray_session.get_runtime_context().gcs_address
-    command = [sys.executable, "-m", "shipyard", "sweep", str(job_path), "--address", address]
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    command = [sys.executable, "-m", "shipyard", "sweep", str(job_path)]
 
     first_log = tmp_path / "first.log"
     first = subprocess.Popen(
         command,
         stdout=first_log.open("w"),
         stderr=subprocess.STDOUT,
-        env=env,
+        env=without_ray_address(SHIPYARD_CACHE=str(tmp_path / "first-machine")),
         start_new_session=True,
     )
     try:
@@ -98,29 +106,45 @@ def test_interrupted_asha_sweep_resumes_and_reports_its_best(ray_session, tmp_pa
     assert "Interrupted with" in first_output
     done_before = finished_trials(first_output)
 
-    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    second_machine = tmp_path / "second-machine"
+    second = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        env=without_ray_address(SHIPYARD_CACHE=str(second_machine)),
+        timeout=600,
+    )
     assert second.returncode == 0, second.stdout + second.stderr
     assert "resuming" in second.stdout
     for trial in done_before:
         assert f"trial {trial} started" not in second.stdout, f"{trial} was run again"
 
-    with (tmp_path / "runs" / "cli-asha-sweep" / "results.csv").open() as file:
-        rows = list(csv.DictReader(file))
+    sweep = open_store(f"{s3}/runs/cli-asha-sweep")
+    rows = list(csv.DictReader(io.StringIO(sweep.get_text("results.csv"))))
     assert len(rows) == 3
     assert any(row["status"] == "stopped early" for row in rows)
     assert [row["rank"] for row in rows] == ["1", "2", "3"]
     best_row = rows[0]
     assert float(best_row["best_val_loss"]) == min(float(row["best_val_loss"]) for row in rows)
+    # The history came across from the first machine: every trial reported at step 8.
+    history = read_history(second_machine / "s3" / s3.removeprefix("s3://") / "runs/cli-asha-sweep")
+    assert {row["trial_id"] for row in history if row["step"] == 8} == {
+        row["trial_id"] for row in rows
+    }
 
     best_metric = float(best_row["best_val_loss"])
     assert f"val_loss {best_metric:.4f}" in second.stdout
     checkpoint = re.search(r"checkpoint: (\S+)", second.stdout)[1]
-    best_job = load_job(tmp_path / "runs" / "cli-asha-sweep" / "best.yaml")
+    assert checkpoint.startswith(f"{s3}/runs/cli-asha-sweep/")
+    best_job = JobSpec.model_validate(yaml.safe_load(sweep.get_text("best.yaml")))
     assert best_job.train.lr == float(best_row["train.lr"])
-    model = load_exported_model(export_checkpoint(read_checkpoint(checkpoint)))
+    saved = local_copy(read_checkpoint(checkpoint), tmp_path / "best")
+    model = load_exported_model(export_checkpoint(saved))
     assert validation_loss(model, best_job) == pytest.approx(best_metric, rel=1e-4)
-    plot = (tmp_path / "runs" / "cli-asha-sweep" / "metric_by_step.png").read_bytes()
-    assert plot.startswith(b"\x89PNG") and len(plot) > 10_000
+    sweep.download("metric_by_step.png", tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
+    # Trials' Train runs were scratch: nothing of them is left on S3.
+    assert not sweep.keys("trial-runs/"), "the trials' scratch runs were left on S3"
 
 
 def finished_trials(output: str) -> set[str]:

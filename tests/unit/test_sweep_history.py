@@ -31,3 +31,16 @@ def test_a_partial_last_line_is_skipped(tmp_path):
     (tmp_path / HISTORY_FILE).write_text('{"trial_id": "a", "step": 1}\n{"trial_id": "a", "st')
     assert read_history(tmp_path) == [{"trial_id": "a", "step": 1}]
     assert read_history(tmp_path / "missing") == []
+
+
+def test_a_restored_history_writes_where_this_machine_mirrors_s3(tmp_path, monkeypatch):
+    """A sweep on S3 resumed on another machine (another SHIPYARD_CACHE): the history that
+    Tune unpickles appends to that machine's mirror, not to a path of the first machine."""
+    monkeypatch.setenv("SHIPYARD_CACHE", str(tmp_path / "first"))
+    saved = pickle.dumps(TrialHistory("s3://bucket/runs/job-sweep", ["train.lr"]))
+    monkeypatch.setenv("SHIPYARD_CACHE", str(tmp_path / "second"))
+    trial = SimpleNamespace(trial_id="a", config={"train.lr": 1e-3})
+    pickle.loads(saved).on_trial_result(0, [], trial, {"step": 8, "val_loss": 4.0})
+    assert not (tmp_path / "first").exists()
+    rows = read_history(tmp_path / "second" / "s3" / "bucket" / "runs" / "job-sweep")
+    assert [(row["trial_id"], row["step"]) for row in rows] == [("a", 8)]

@@ -77,10 +77,6 @@ def test_a_sweep_section_loads_with_defaults(write):
             swept({"space": {"model.sequence_length": {"randint": [16, 64]}}}),
             "takes choice or grid, not randint",
         ),
-        (
-            {**swept({}), "storage": "s3://bucket/runs"},
-            "S3 is not supported for sweeps yet",
-        ),
     ],
 )
 def test_bad_sweep_sections_name_the_file_and_field(write, document, message):

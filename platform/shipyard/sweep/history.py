@@ -3,7 +3,8 @@
 Tune's own per-trial result files are not a reliable history: when a trial restarts from a
 checkpoint (a PBT exploit, a resume) Tune copies the trial's files back from storage, which it
 syncs only every few minutes, so the rows reported in between are lost. The driver therefore
-appends each result to one JSON-lines file of its own, `history.jsonl` in the sweep folder.
+appends each result to one JSON-lines file of its own, `history.jsonl` in the sweep folder
+(with S3 storage, in its mirror on this machine, uploaded when the sweep stops).
 """
 
 from __future__ import annotations
@@ -14,14 +15,18 @@ from typing import Any
 
 from ray import tune
 
+from shipyard.storage import local_mirror
+
 HISTORY_FILE = "history.jsonl"
 
 
 class TrialHistory(tune.Callback):
     """Appends each trial result (its scalars and the swept values) to `history.jsonl`."""
 
-    def __init__(self, folder: Path, paths: list[str]):
-        self.file = str(Path(folder) / HISTORY_FILE)  # Tune pickles callbacks: keep it plain
+    def __init__(self, location: str, paths: list[str]):
+        # Tune pickles its callbacks with the sweep: a resume on another machine (or with
+        # another SHIPYARD_CACHE) must find the file where that machine mirrors the location.
+        self.location = location
         self.paths = paths
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
@@ -30,7 +35,9 @@ class TrialHistory(tune.Callback):
         # The values of the run that reported: a PBT exploit may already have changed trial.config.
         config = result.get("config", trial.config)
         row["config"] = {path: config.get(path) for path in self.paths}
-        with open(self.file, "a") as file:
+        path = local_mirror(self.location) / HISTORY_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as file:
             file.write(json.dumps(row) + "\n")
 
 

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from shipyard.errors import TrainingError
 from shipyard.spec.job import JobSpec
+from shipyard.storage import from_ray_storage, is_remote, local_mirror, open_store
 from shipyard.sweep.history import by_trial, read_history
 from shipyard.sweep.trial import trial_of
 from shipyard.train.checkpoint import read_checkpoint
@@ -46,10 +47,11 @@ class SweepReport:
     rows: list[TrialRow]
     best_trial: str
     best_metric: float
-    best_checkpoint: Path
+    best_checkpoint: str  # a folder, or s3://…
     best_job_file: Path
     results_file: Path
     plot_file: Path
+    location: str  # where the files are kept: their folder, or the S3 prefix they were copied to
 
 
 class TrialTable(tune.Callback):
@@ -130,31 +132,42 @@ class TrialTable(tune.Callback):
 
 
 def write_results(
-    grid: tune.ResultGrid, job: JobSpec, paths: list[str], folder: Path
+    grid: tune.ResultGrid, job: JobSpec, paths: list[str], location: str
 ) -> SweepReport:
-    """Rank the trials, write results.csv, the plot and best.yaml into `folder`."""
+    """Rank the trials; write results.csv, the plot and best.yaml to the sweep's `location`
+    (with S3: to its folder on this machine, then uploaded)."""
     metric, mode = job.sweep.metric, job.sweep.mode
+    folder = local_mirror(location)
+    folder.mkdir(parents=True, exist_ok=True)
     histories = by_trial(read_history(folder))
     rows = _ranked(
         [_trial_row(result, histories, metric, mode, paths, job) for result in grid], mode
     )
     checkpoint, best_metric = best_checkpoint(grid, metric, mode)
-    results_file = folder / RESULTS_FILE
-    _write_csv(results_file, rows, paths, metric)
-    plot_file = folder / PLOT_FILE
-    plot_metric_by_step(histories, metric, plot_file)
-    best_job_file = folder / BEST_JOB_FILE
-    best_trial = write_best_job(checkpoint, job, best_job_file)
+    _write_csv(folder / RESULTS_FILE, rows, paths, metric)
+    plot_metric_by_step(histories, metric, folder / PLOT_FILE)
+    best_trial = write_best_job(checkpoint, job, folder / BEST_JOB_FILE)
+    if is_remote(location):
+        store = open_store(location)
+        for name in (RESULTS_FILE, PLOT_FILE, BEST_JOB_FILE):
+            store.upload(folder / name, name)
     return SweepReport(
-        rows, best_trial, best_metric, checkpoint, best_job_file, results_file, plot_file
+        rows,
+        best_trial,
+        best_metric,
+        checkpoint,
+        folder / BEST_JOB_FILE,
+        folder / RESULTS_FILE,
+        folder / PLOT_FILE,
+        location,
     )
 
 
-def best_checkpoint(grid: tune.ResultGrid, metric: str, mode: str) -> tuple[Path, float]:
+def best_checkpoint(grid: tune.ResultGrid, metric: str, mode: str) -> tuple[str, float]:
     """The kept checkpoint, of any trial, with the best reported metric."""
     sign = 1.0 if mode == "min" else -1.0
     candidates = [
-        (sign * metrics[metric], Path(checkpoint.path))
+        (sign * metrics[metric], from_ray_storage(checkpoint.path, checkpoint.filesystem))
         for result in grid
         for checkpoint, metrics in (result.best_checkpoints or [])
         if metric in metrics and math.isfinite(metrics[metric])
@@ -171,7 +184,7 @@ def best_checkpoint(grid: tune.ResultGrid, metric: str, mode: str) -> tuple[Path
     return path, sign * score
 
 
-def write_best_job(checkpoint: Path, job: JobSpec, destination: Path) -> str:
+def write_best_job(checkpoint: str, job: JobSpec, destination: Path) -> str:
     """The job that produced `checkpoint`, renamed `<job>-best`, as YAML; returns its trial."""
     saved = read_checkpoint(checkpoint)
     trial = trial_of(saved)

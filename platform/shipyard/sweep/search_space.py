@@ -18,7 +18,6 @@ from typing import Any
 from shipyard.errors import SpecError
 from shipyard.spec.job import JobSpec
 from shipyard.spec.load import spec_section, validate
-from shipyard.storage import is_remote
 from shipyard.train.checkpoint import STATE_SHAPING_FIELDS
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
@@ -66,12 +65,6 @@ def check_sweep(job: JobSpec, source: str) -> tuple[Dimension, ...]:
     """The job's search space, checked against the job and against the sweep's scheduler."""
     assert job.sweep is not None
     sweep = job.sweep
-    if is_remote(job.storage):
-        raise SpecError(
-            f"{source}: storage: {job.storage!r}: a sweep keeps Tune's experiment, its trials' "
-            "checkpoints and its report in a folder; S3 is not supported for sweeps yet. To fix: "
-            "give a folder (publish the best model with `artifacts:`)."
-        )
     dimensions = parse_search_space(sweep.space, job, source)
     for dimension in dimensions:
         where = f"{source}: sweep.space.{dimension.path}"

@@ -8,13 +8,12 @@ continues from the checkpoint Tune hands it, which after a PBT exploit is anothe
 from __future__ import annotations
 
 import json
-import shutil
 import uuid
-from pathlib import Path
 from typing import Any
 
 from shipyard.data.corpus import Corpus
 from shipyard.spec.job import JobSpec
+from shipyard.storage import from_ray_storage, ray_storage, remove_folder
 from shipyard.sweep.search_space import apply_overrides
 from shipyard.train.checkpoint import SavedCheckpoint, read_checkpoint
 
@@ -32,10 +31,12 @@ def corpus_key(job: JobSpec) -> str:
     return json.dumps([job.data.model_dump(mode="json"), job.model.sequence_length])
 
 
-def run_trial(
-    config: dict[str, Any], *, base: dict, corpora: dict[str, Corpus], runs_folder: str
-) -> None:
-    """Tune function trainable: train one trial, reporting each metric row (and checkpoint)."""
+def run_trial(config: dict[str, Any], *, base: dict, corpora: dict[str, Corpus], runs: str) -> None:
+    """Tune function trainable: train one trial, reporting each metric row (and checkpoint).
+
+    The trial's Train runs write their checkpoints under `runs` (a folder, or S3 when the
+    sweep's storage is), where every rank can reach them; Tune copies each reported one into
+    the trial's own storage."""
     from ray import tune
 
     from shipyard.train.trainer import run_training
@@ -44,9 +45,10 @@ def run_trial(
     metric = base_job.sweep.metric
     trial_id = tune.get_context().get_trial_id()
     run_name = f"{trial_id}-{uuid.uuid4().hex[:6]}"
-    job = trial_job(base_job, config, run_name, runs_folder)
+    job = trial_job(base_job, config, run_name, runs)
+    _, runs_filesystem = ray_storage(runs)
     start = tune.get_checkpoint()  # this trial's own after a resume; a better one's after PBT
-    saved = read_checkpoint(start.path) if start else None
+    saved = read_checkpoint(from_ray_storage(start.path, start.filesystem)) if start else None
     origin = trial_of(saved) if saved else ""
     if saved and saved.step >= job.train.max_steps:
         # Nothing left to train (PBT paused a finished trial to keep its checkpoint).
@@ -66,19 +68,26 @@ def run_trial(
             return
         tune.report(
             {**row, "trial_run": run_name, "started_from_trial": origin},
-            checkpoint=tune.Checkpoint.from_directory(checkpoint) if checkpoint else None,
+            checkpoint=_ray_checkpoint(checkpoint, runs_filesystem) if checkpoint else None,
         )
 
     try:
         run_training(
             job,
             corpus=corpora[corpus_key(job)],
-            start_checkpoint=start.path if start else None,  # storage is a local folder
+            start_checkpoint=start,
             on_metrics=forward,
         )
     finally:
         # Tune keeps its own copy of every reported checkpoint; the run's folder is scratch.
-        shutil.rmtree(Path(runs_folder, run_name), ignore_errors=True)
+        remove_folder(f"{runs}/{run_name}")
+
+
+def _ray_checkpoint(uri: str, filesystem):
+    """A checkpoint the trial's run reported, as the Tune checkpoint that Tune copies."""
+    from ray import tune
+
+    return tune.Checkpoint(uri.removeprefix("s3://"), filesystem=filesystem)
 
 
 def trial_of(checkpoint: SavedCheckpoint) -> str:

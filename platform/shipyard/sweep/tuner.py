@@ -1,7 +1,9 @@
 """Driver side of a sweep: decide the concurrency, build the corpora, run Ray Tune, resume.
 
-The sweep lives in `<storage>/<job>-sweep/`: Tune's experiment state and trials, the job the
-sweep was started with, and (after `report.write_results`) the results, plot and best job.
+The sweep lives in `<storage>/<job>-sweep/`, a folder or an S3 prefix: Tune's experiment
+state and trials, the job the sweep was started with, the history of every result and (after
+`report.write_results`) the results, plot and best job. With S3 storage, the history and the
+report are written in a folder on this machine first (`local_mirror`), then uploaded.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ from ray import tune
 from shipyard.data.corpus import Corpus, build_corpus
 from shipyard.errors import ResourceError, SpecError
 from shipyard.spec.job import JobSpec
-from shipyard.sweep.history import TrialHistory
+from shipyard.storage import (
+    local_mirror,
+    mirrored_file,
+    open_store,
+    ray_storage,
+    remove_folder,
+)
+from shipyard.sweep.history import HISTORY_FILE, TrialHistory
 from shipyard.sweep.search_space import Dimension, apply_overrides, shapes_corpus
 from shipyard.sweep.trial import TRIAL_CPUS, corpus_key, run_trial
 
@@ -31,14 +40,19 @@ TRIAL_RUNS = "trial-runs"  # scratch folder of the trials' Train runs
 class SweepSetup:
     """What was decided before Tune starts."""
 
-    folder: Path
+    location: str  # the sweep's folder or s3:// prefix
     concurrent_trials: int
     resumed: bool
 
 
+def sweep_location(job: JobSpec) -> str:
+    """Where the sweep of `job` keeps its state and results: a folder or an s3:// prefix."""
+    return f"{job.storage.rstrip('/')}/{job.name}-sweep"
+
+
 def sweep_folder(job: JobSpec) -> Path:
-    """Where the sweep of `job` keeps its state and results."""
-    return Path(job.storage) / f"{job.name}-sweep"
+    """The sweep's folder on this machine: its history and report (with S3, their copies)."""
+    return local_mirror(sweep_location(job))
 
 
 def run_sweep(
@@ -50,10 +64,10 @@ def run_sweep(
     on_setup=None,
 ) -> tuple[SweepSetup, tune.ResultGrid]:
     """Run (or resume) the sweep of `job` on the connected Ray cluster until it ends."""
-    folder = sweep_folder(job)
+    location = sweep_location(job)
     resuming = check_resumable_sweep(job, must_resume)
     setup = SweepSetup(
-        folder, concurrent_trials(job, dimensions, ray.cluster_resources()), resuming
+        location, concurrent_trials(job, dimensions, ray.cluster_resources()), resuming
     )
     if on_setup:
         on_setup(setup)
@@ -62,37 +76,47 @@ def run_sweep(
             run_trial,
             base=job.model_dump(mode="json"),
             corpora=build_corpora(job, dimensions),
-            runs_folder=str(folder / TRIAL_RUNS),
+            runs=f"{location}/{TRIAL_RUNS}",
         ),
         {"CPU": TRIAL_CPUS},
     )
-    if resuming:
-        tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True)
-    else:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / SWEEP_JOB_FILE).write_text(json.dumps(job.model_dump(mode="json"), indent=2))
-        history = TrialHistory(folder, [dimension.path for dimension in dimensions])
-        tuner = build_tuner(job, dimensions, trainable, setup, [*callbacks, history])
-    return setup, tuner.fit()
+    path, filesystem = ray_storage(location)
+    with mirrored_file(location, HISTORY_FILE):  # its rows are on S3 even after a Ctrl-C
+        if resuming:
+            tuner = tune.Tuner.restore(
+                path, trainable, resume_unfinished=True, storage_filesystem=filesystem
+            )
+        else:
+            open_store(location).put_text(
+                SWEEP_JOB_FILE, json.dumps(job.model_dump(mode="json"), indent=2)
+            )
+            history = TrialHistory(location, [dimension.path for dimension in dimensions])
+            tuner = build_tuner(job, dimensions, trainable, setup, [*callbacks, history])
+        grid = tuner.fit()
+    if not unfinished_trials(location):  # trials stopped by a Ctrl-C left their scratch runs
+        remove_folder(f"{location}/{TRIAL_RUNS}")
+    return setup, grid
 
 
 def check_resumable_sweep(job: JobSpec, must_resume: bool = False) -> bool:
     """Whether a saved sweep of `job` will be resumed; errors if it cannot or must but can't."""
-    folder = sweep_folder(job)
-    if tune.Tuner.can_restore(str(folder)):
-        check_same_sweep(folder, job)
+    location = sweep_location(job)
+    path, filesystem = ray_storage(location)
+    if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+        check_same_sweep(location, job)
         return True
     if must_resume:
         raise SpecError(
-            f"sweep: there is no interrupted sweep of job {job.name!r} in {folder} to resume. "
-            "To fix: run without --resume to start it."
+            f"sweep: there is no interrupted sweep of job {job.name!r} in {location} to "
+            "resume. To fix: run without --resume to start it."
         )
     return False
 
 
-def unfinished_trials(folder: Path) -> list[str]:
+def unfinished_trials(location: str) -> list[str]:
     """Trials the saved sweep state has not finished (an interrupted sweep has some)."""
-    analysis = tune.ExperimentAnalysis(str(folder))
+    path, filesystem = ray_storage(location)
+    analysis = tune.ExperimentAnalysis(path, storage_filesystem=filesystem)
     return [trial.trial_id for trial in analysis.trials if trial.status not in _FINISHED]
 
 
@@ -102,6 +126,7 @@ _FINISHED = ("TERMINATED", "ERROR")
 def build_tuner(job, dimensions, trainable, setup: SweepSetup, callbacks) -> tune.Tuner:
     """The Tuner for a new sweep: search space, search algorithm, scheduler, storage."""
     sweep = job.sweep
+    path, filesystem = ray_storage(setup.location)
     return tune.Tuner(
         trainable,
         param_space={dimension.path: dimension.to_tune() for dimension in dimensions},
@@ -114,8 +139,9 @@ def build_tuner(job, dimensions, trainable, setup: SweepSetup, callbacks) -> tun
             reuse_actors=False,
         ),
         run_config=tune.RunConfig(
-            name=setup.folder.name,
-            storage_path=str(setup.folder.parent),
+            name=path.rsplit("/", 1)[1],
+            storage_path=path.rsplit("/", 1)[0],
+            storage_filesystem=filesystem,
             checkpoint_config=tune.CheckpointConfig(
                 # PBT may hand any trial's latest checkpoint to another later: keep them all.
                 num_to_keep=None if sweep.scheduler == "pbt" else job.train.keep_checkpoints,
@@ -239,17 +265,17 @@ def _all_values(dimension: Dimension) -> list[Any]:
     return list(dimension.values)
 
 
-def check_same_sweep(folder: Path, job: JobSpec) -> None:
+def check_same_sweep(location: str, job: JobSpec) -> None:
     """Refuse to resume a sweep whose job has changed since it started."""
-    saved_file = folder / SWEEP_JOB_FILE
-    if not saved_file.is_file():
+    saved_text = open_store(location).get_text(SWEEP_JOB_FILE)
+    if saved_text is None:
         return
-    saved, new = json.loads(saved_file.read_text()), job.model_dump(mode="json")
+    saved, new = json.loads(saved_text), job.model_dump(mode="json")
     changed = _first_difference(saved, new)
     if changed:
         path, before, after = changed
         raise SpecError(
-            f"{path}: {after!r} differs from {before!r} in the sweep saved at {folder}, which "
+            f"{path}: {after!r} differs from {before!r} in the sweep saved at {location}, which "
             f"job {job.name!r} would resume. To fix: give the job a new name for a new sweep, "
             "or change the field back; the saved sweep is left untouched."
         )

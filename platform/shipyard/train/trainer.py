@@ -29,8 +29,8 @@ from shipyard.errors import ResourceError, SpecError, TrainingError
 from shipyard.plan.plan import ParallelPlan, make_plan
 from shipyard.spec.cluster import ClusterSpec
 from shipyard.spec.job import JobSpec
-from shipyard.storage import is_remote, open_store, ray_storage
-from shipyard.train.checkpoint import STATE_SHAPING_FIELDS, latest_checkpoint, run_folder
+from shipyard.storage import is_remote, mirrored_file, ray_storage
+from shipyard.train.checkpoint import STATE_SHAPING_FIELDS, latest_checkpoint
 from shipyard.train.worker import Fault, train_loop
 
 Metrics = dict[str, Any]
@@ -64,7 +64,7 @@ def run_training(
     stop_at_step: int | None = None,
     fault: Fault | None = None,
     corpus: Corpus | None = None,
-    start_checkpoint: str | None = None,
+    start_checkpoint: ray.train.Checkpoint | None = None,
 ) -> TrainResult:
     """Train `job` on the Ray cluster this process is connected to; resumes if it can.
 
@@ -127,25 +127,10 @@ def frequent_polls() -> Iterator[None]:
         os.environ.pop(name, None)
 
 
-@contextmanager
-def metrics_log(job: JobSpec) -> Iterator[Path]:
+def metrics_log(job: JobSpec):
     """The job's metrics.jsonl in its run folder. With S3 storage the log lives beside the
-    checkpoints: fetched before a run on a machine that lacks it, uploaded after (also after a
-    failure or Ctrl-C), so a resume elsewhere continues it."""
-    path = run_folder(job.storage, job.name) / METRICS_FILE
-    if not is_remote(job.storage):
-        yield path
-        return
-    store = open_store(job.storage)
-    key = f"{job.name}/{METRICS_FILE}"
-    if not path.is_file() and store.get_text(key) is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        store.download(key, path)
-    try:
-        yield path
-    finally:
-        if path.is_file():
-            store.upload(path, key)
+    checkpoints (`mirrored_file`), so a resume on another machine continues it."""
+    return mirrored_file(job.storage, f"{job.name}/{METRICS_FILE}")
 
 
 def metrics_recorder(path: Path, on_metrics) -> Callable[[Metrics], None]:
@@ -205,7 +190,7 @@ def build_trainer(
     metrics_queue: Queue,
     stop_at_step: int | None = None,
     fault: Fault | None = None,
-    start_checkpoint: str | None = None,
+    start_checkpoint: ray.train.Checkpoint | None = None,
 ) -> TorchTrainer:
     """The TorchTrainer that runs `train_loop` on every rank as the plan says."""
     resources = {"CPU": plan.cpus_per_worker}

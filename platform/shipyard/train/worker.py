@@ -73,7 +73,7 @@ class Worker:
         plan: ParallelPlan,
         stop_at_step: int | None,
         fault: Fault | None,
-        start_checkpoint: str | None = None,
+        start_checkpoint: ray.train.Checkpoint | None = None,
     ):
         import deepspeed
 
@@ -200,17 +200,14 @@ class Worker:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def _restore(self, start_checkpoint: str | None) -> int:
+    def _restore(self, start_checkpoint: ray.train.Checkpoint | None) -> int:
         """The step to continue from: this run's own latest checkpoint, else `start_checkpoint`
         (a sweep trial continuing another trial's checkpoint), else a fresh start at 0."""
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:
-            with checkpoint.as_directory() as folder:
-                _, client_state = self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
-        elif start_checkpoint:
-            _, client_state = self.engine.load_checkpoint(start_checkpoint, tag=CHECKPOINT_TAG)
-        else:
+        checkpoint = ray.train.get_checkpoint() or start_checkpoint
+        if checkpoint is None:
             return 0
+        with checkpoint.as_directory() as folder:  # downloaded first if it is on S3
+            _, client_state = self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
         apply_hyperparameters(self.engine, self.train)
         return int(client_state["step"])
 
