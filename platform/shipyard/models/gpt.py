@@ -1,7 +1,8 @@
 """A small GPT built from `ModelSpec`, as a list of layers so DeepSpeed can pipeline it.
 
 Each layer initialises its own weights from `(seed, layer index)`, so the same spec and seed give
-the same model whether it is built whole, split into pipeline stages, or sharded by ZeRO-3.
+the same model whether it is built whole, split into pipeline stages, sharded by ZeRO-3, or split
+by tensor parallelism (`TensorParallel`: each rank keeps its share of the full weights).
 """
 
 from __future__ import annotations
@@ -13,6 +14,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from shipyard.models.tensor_parallel import (
+    SINGLE,
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TensorParallel,
+    VocabularyParallelEmbedding,
+    attention_dropout_seed,
+    mark_sharded,
+    parallel_cross_entropy,
+    shard,
+    sharding_of,
+)
 from shipyard.spec.job import ModelSpec
 
 INIT_STD = 0.02
@@ -21,12 +34,12 @@ INIT_STD = 0.02
 class Embedding(nn.Module):
     """Token and learned position embeddings: token ids (batch, seq) → hidden (batch, seq, width)."""
 
-    def __init__(self, spec: ModelSpec, seed: int):
+    def __init__(self, spec: ModelSpec, seed: int, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.tokens = nn.Embedding(spec.vocabulary_size, spec.width)
+        self.tokens = VocabularyParallelEmbedding(spec.vocabulary_size, spec.width, tp)
         self.positions = nn.Embedding(spec.sequence_length, spec.width)
         self.dropout = nn.Dropout(spec.dropout)
-        _initialise(self, seed, residual_std=INIT_STD)
+        _initialise(self, seed, INIT_STD, tp)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device)
@@ -34,21 +47,25 @@ class Embedding(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: causal self-attention then an MLP, each with a residual."""
+    """Pre-norm transformer block: causal self-attention then an MLP, each with a residual.
 
-    def __init__(self, spec: ModelSpec, seed: int):
+    Under tensor parallelism this rank holds heads/tp heads and 4·width/tp MLP units."""
+
+    def __init__(self, spec: ModelSpec, seed: int, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.heads = spec.heads
+        self.tp = tp
+        self.heads = spec.heads // tp.size
+        self.head_width = spec.width // spec.heads
         self.dropout = spec.dropout
         self.attention_norm = nn.LayerNorm(spec.width)
-        self.qkv = nn.Linear(spec.width, 3 * spec.width)
-        self.attention_out = nn.Linear(spec.width, spec.width)
+        self.qkv = ColumnParallelLinear(spec.width, 3 * spec.width, tp)
+        self.attention_out = RowParallelLinear(spec.width, spec.width, tp)
         self.mlp_norm = nn.LayerNorm(spec.width)
-        self.mlp_in = nn.Linear(spec.width, 4 * spec.width)
-        self.mlp_out = nn.Linear(4 * spec.width, spec.width)
+        self.mlp_in = ColumnParallelLinear(spec.width, 4 * spec.width, tp)
+        self.mlp_out = RowParallelLinear(4 * spec.width, spec.width, tp)
         self.residual_dropout = nn.Dropout(spec.dropout)
         # GPT-2 scales the projections into the residual stream by depth to keep its variance flat.
-        _initialise(self, seed, residual_std=INIT_STD / math.sqrt(2 * spec.layers))
+        _initialise(self, seed, INIT_STD / math.sqrt(2 * spec.layers), tp)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = hidden + self.residual_dropout(self._attend(self.attention_norm(hidden)))
@@ -56,43 +73,56 @@ class Block(nn.Module):
         return hidden + self.residual_dropout(mlp)
 
     def _attend(self, hidden: torch.Tensor) -> torch.Tensor:
-        batch, length, width = hidden.shape
+        batch, length, _ = hidden.shape
         query, key, value = (
-            part.view(batch, length, self.heads, width // self.heads).transpose(1, 2)
-            for part in self.qkv(hidden).split(width, dim=2)
+            part.view(batch, length, self.heads, self.head_width).transpose(1, 2)
+            for part in self.qkv(hidden).chunk(3, dim=2)
         )
-        attended = F.scaled_dot_product_attention(
-            query, key, value, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.attention_out(attended.transpose(1, 2).reshape(batch, length, width))
+        dropout = self.dropout if self.training else 0.0
+        if dropout and self.tp.active:
+            # Each rank's heads drop their own pattern; the replicated residual stream around
+            # them keeps the generator the group shares.
+            with torch.random.fork_rng(devices=[query.device] if query.is_cuda else []):
+                torch.manual_seed(attention_dropout_seed(self.tp))
+                attended = F.scaled_dot_product_attention(
+                    query, key, value, is_causal=True, dropout_p=dropout
+                )
+        else:
+            attended = F.scaled_dot_product_attention(
+                query, key, value, is_causal=True, dropout_p=dropout
+            )
+        return self.attention_out(attended.transpose(1, 2).reshape(batch, length, -1))
 
 
 class Head(nn.Module):
-    """Final norm and the projection to vocabulary logits."""
+    """Final norm and the projection to vocabulary logits (under tensor parallelism, this
+    rank's share of the vocabulary: `language_model_loss` never gathers them)."""
 
-    def __init__(self, spec: ModelSpec, seed: int):
+    def __init__(self, spec: ModelSpec, seed: int, tp: TensorParallel = SINGLE):
         super().__init__()
         self.norm = nn.LayerNorm(spec.width)
-        self.logits = nn.Linear(spec.width, spec.vocabulary_size, bias=False)
-        _initialise(self, seed, residual_std=INIT_STD)
+        self.logits = ColumnParallelLinear(spec.width, spec.vocabulary_size, tp, bias=False)
+        _initialise(self, seed, INIT_STD, tp)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.logits(self.norm(hidden))
 
 
-def layer_recipes(spec: ModelSpec, seed: int) -> list[tuple[type[nn.Module], ModelSpec, int]]:
-    """(class, spec, seed) for every layer in order; seeds depend only on the layer's index."""
+def layer_recipes(
+    spec: ModelSpec, seed: int, tp: TensorParallel = SINGLE
+) -> list[tuple[type[nn.Module], ModelSpec, int, TensorParallel]]:
+    """(class, spec, seed, tp) for every layer in order; seeds depend only on the layer's index."""
     classes = [Embedding, *[Block] * spec.layers, Head]
-    return [(cls, spec, seed * 1_000_003 + index) for index, cls in enumerate(classes)]
+    return [(cls, spec, seed * 1_000_003 + index, tp) for index, cls in enumerate(classes)]
 
 
 class GPT(nn.Module):
     """The whole model on one rank (data parallel and ZeRO); pipelines use `layer_recipes`."""
 
-    def __init__(self, spec: ModelSpec, seed: int):
+    def __init__(self, spec: ModelSpec, seed: int, tp: TensorParallel = SINGLE):
         super().__init__()
         self.activation_checkpointing = spec.activation_checkpointing
-        self.layers = nn.ModuleList(cls(*args) for cls, *args in layer_recipes(spec, seed))
+        self.layers = nn.ModuleList(cls(*args) for cls, *args in layer_recipes(spec, seed, tp))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         hidden = tokens
@@ -104,12 +134,18 @@ class GPT(nn.Module):
         return hidden
 
 
-def language_model_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def language_model_loss(
+    logits: torch.Tensor, targets: torch.Tensor, tp: TensorParallel = SINGLE
+) -> torch.Tensor:
     """Mean next-token cross-entropy, computed in fp32 whatever the training precision."""
+    if tp.active:
+        return parallel_cross_entropy(logits.flatten(0, 1), targets.flatten(), tp)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
-def _initialise(module: nn.Module, seed: int, residual_std: float) -> None:
+def _initialise(module: nn.Module, seed: int, residual_std: float, tp: TensorParallel) -> None:
+    """Draw every weight at its full size, in the same order whatever `tp`, and keep this rank's
+    share: split or not, the model is the same."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in module.named_parameters():
@@ -119,4 +155,11 @@ def _initialise(module: nn.Module, seed: int, residual_std: float) -> None:
                 parameter.fill_(1.0)
             else:
                 std = residual_std if name.endswith("_out.weight") else INIT_STD
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+                split = sharding_of(name)
+                shape = list(parameter.shape)
+                if split:
+                    shape[split[0]] *= tp.size
+                full = torch.randn(shape, generator=generator) * std
+                parameter.copy_(shard(full, *split, tp) if split else full)
+    if tp.active:
+        mark_sharded(module)

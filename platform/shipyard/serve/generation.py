@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shipyard.models.gpt import GPT, Block, Embedding, Head
+from shipyard.models.tensor_parallel import LINEAR_LAYERS
 from shipyard.spec.job import BYTE_VOCABULARY
 
 
@@ -65,7 +66,7 @@ class TextGenerator:
         self._transposed = {
             linear: linear.weight.detach().t().contiguous()
             for linear in model.modules()
-            if isinstance(linear, nn.Linear)
+            if isinstance(linear, LINEAR_LAYERS)
         }
 
     @torch.inference_mode()
@@ -106,16 +107,12 @@ class TextGenerator:
                 f"{len(request.prompt)} prompt tokens + {request.max_new_tokens} new tokens exceed "
                 f"the context length {self.context_length}"
             )
-        shape = (2, self.blocks[0].heads, self.context_length, self._head_width)
+        shape = (2, self.blocks[0].heads, self.context_length, self.blocks[0].head_width)
         return Sequence(
             request=request,
             generator=torch.Generator(device="cpu").manual_seed(request.seed),
             caches=[torch.empty(shape, device=self.device) for _ in self.blocks],
         )
-
-    @property
-    def _head_width(self) -> int:
-        return self.embedding.tokens.embedding_dim // self.blocks[0].heads
 
     def _prefill(self, sequence: Sequence) -> torch.Tensor:
         """Run the prompt through the model alone, filling its cache; the last position's logits."""
