@@ -39,6 +39,16 @@ TINY_JOB = {
 }
 
 
+# 3D parallelism on 2 cores: 4 workers, one replica of 2 stages × 2 tensor-parallel shards.
+PP2_TP2 = {
+    "zero_stage": 1,
+    "pipeline_stages": 2,
+    "tensor_parallel": 2,
+    "num_workers": 4,
+    "cpus_per_worker": 0.45,
+}
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray started once per test session (2 cores: never one per test)."""

@@ -17,7 +17,7 @@ from shipyard.serve.export import export_checkpoint, load_exported_model
 from shipyard.serve.generation import GenerationRequest, TextGenerator
 from shipyard.spec.job import ServeSpec
 from shipyard.train.checkpoint import latest_checkpoint
-from tests.integration.conftest import tiny_job, validation_loss, wait_for
+from tests.integration.conftest import PP2_TP2, tiny_job, validation_loss, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -42,10 +42,16 @@ BODIES = [{"prompt": p, "max_new_tokens": 6 + 2 * i} for i, p in enumerate(PROMP
 
 @pytest.mark.parametrize(
     ("name", "train"),
-    [("zero3", {"zero_stage": 3}), ("pipeline2", {"zero_stage": 1, "pipeline_stages": 2})],
+    [
+        ("zero3", {"zero_stage": 3}),
+        ("pipeline2", {"zero_stage": 1, "pipeline_stages": 2}),
+        ("tp2", {"zero_stage": 1, "tensor_parallel": 2}),
+        ("pp2tp2", PP2_TP2),
+    ],
 )
 def test_export_is_the_trained_model(layouts, runs_dir, name, train):
-    """ZeRO-3 shards and pipeline stages consolidate to the model the run evaluated."""
+    """ZeRO-3 shards, pipeline stages and tensor-parallel shards consolidate to the model the
+    run evaluated."""
     result = layouts(name, **train)
     model = load_exported_model(export_checkpoint(latest_checkpoint(str(runs_dir), name)))
     measured = validation_loss(model, tiny_job(name, runs_dir, **train))

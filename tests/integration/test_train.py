@@ -13,7 +13,7 @@ from shipyard.storage import open_store
 from shipyard.train.checkpoint import latest_checkpoint, local_copy, saved_checkpoints
 from shipyard.train.trainer import run_training
 from shipyard.train.worker import Fault
-from tests.integration.conftest import tiny_job, validation_loss
+from tests.integration.conftest import PP2_TP2, tiny_job, validation_loss
 
 pytestmark = pytest.mark.integration
 
@@ -64,6 +64,23 @@ def test_pipeline_trains_the_same_model_as_data_parallel(layouts):
     """
     pipeline = layouts("pipeline2", zero_stage=1, pipeline_stages=2).history
     assert pipeline[-1]["val_loss"] < UNIFORM_LOSS - 1.0
+
+
+@pytest.mark.parametrize(
+    ("name", "train"),
+    [("tp2", {"zero_stage": 1, "tensor_parallel": 2}), ("pp2tp2", PP2_TP2)],
+)
+def test_tensor_parallel_trains_the_same_model_as_one_device(layouts, name, train):
+    """Tensor parallel 2 over 2 workers, or pipeline 2 × tensor parallel 2 over 4, is one
+    replica, as pipeline 2 over 2 workers is: the same batches and the same model (each layer's
+    weights cut in two), so the same losses at every step, up to summation order."""
+    pipeline = losses(layouts("pipeline2", zero_stage=1, pipeline_stages=2))
+    split = layouts(name, **train)
+    assert split.final["step"] == 24
+    assert losses(split) == pytest.approx(pipeline, rel=1e-3)
+    assert split.final["val_loss"] == pytest.approx(
+        layouts("pipeline2", zero_stage=1, pipeline_stages=2).final["val_loss"], rel=1e-3
+    )
 
 
 def test_run_stopped_halfway_resumes_from_s3_to_the_same_loss(layouts, s3, tmp_path, monkeypatch):

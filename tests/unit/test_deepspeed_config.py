@@ -31,6 +31,22 @@ def test_batch_arithmetic_matches_deepspeed_rules():
     assert config["train_batch_size"] == 3 * 5 * 2
 
 
+def test_tensor_parallel_ranks_are_not_replicas():
+    # 8 workers = 2 replicas × 2 stages × 2 shards: DeepSpeed counts the batch per replica.
+    config, plan = config_for(
+        num_workers=8,
+        pipeline_stages=2,
+        tensor_parallel=2,
+        micro_batch_size=3,
+        gradient_accumulation=5,
+        precision="bf16",
+        gpus_per_worker=1,
+    )
+    assert plan.data_parallel_size == 2 and plan.tensor_parallel == 2
+    assert config["train_batch_size"] == 3 * 5 * 2
+    assert plan.backend == "nccl" and config["bf16"]["enabled"] is True
+
+
 def test_cpu_uses_gloo_and_torch_adam():
     config, plan = config_for(zero_stage=2, offload_optimizer=True)
     assert plan.backend == "gloo"

@@ -376,3 +376,97 @@ def test_ranks_take_the_roles_of_the_node_types_ray_put_them_on():
     assert pipeline.roles(["a100_node", "t4_node"]) == pipeline.ranks
     with pytest.raises(PlacementError, match="rank 0 \\(pipeline stage 0\\) on t4_node"):
         pipeline.roles(["t4_node", "a100_node"])
+
+
+def gpu_box(nodes: int = 1, gpus: int = 4, model: str = "A100-80G"):
+    """`nodes` nodes of `gpus` like GPUs each."""
+    gpu_node = {
+        "resources": {"CPU": 32, "GPU": gpus, f"accelerator_type:{model}": gpus},
+        "node_config": {},
+        "min_workers": nodes,
+        "max_workers": nodes,
+    }
+    return parse_cluster(
+        {
+            "cluster_name": "box",
+            "provider": {"type": "aws", "region": "us-east-1"},
+            "head_node_type": "head",
+            "available_node_types": {
+                "head": {"resources": {"CPU": 4}, "node_config": {}},
+                "gpu": gpu_node,
+            },
+        },
+        "<box>",
+    )
+
+
+def wide_job(**train) -> JobSpec:
+    """Two blocks of 3.2 B parameters each: beyond one A100's memory unless split."""
+    return JobSpec.model_validate(
+        {
+            "name": "wide",
+            "model": {"layers": 2, "heads": 64, "width": 16384, "sequence_length": 1024},
+            "train": {
+                "gpus_per_worker": 1,
+                "micro_batch_size": 1,
+                "precision": "bf16",
+                "zero_stage": 0,
+                **train,
+            },
+        }
+    )
+
+
+def test_a_tensor_parallel_shard_holds_what_the_split_layers_hold():
+    from shipyard.models.gpt import Block, Embedding, Head
+    from shipyard.models.tensor_parallel import TensorParallel
+
+    spec = ModelSpec(layers=2, heads=4, width=32, sequence_length=16)
+    shard = model_size(spec).shard(4)
+    counts = {
+        cls: sum(p.numel() for p in cls(spec, 0, TensorParallel(size=4)).parameters())
+        for cls in (Embedding, Block, Head)
+    }
+    assert (shard.embedding, shard.block, shard.head) == (
+        counts[Embedding],
+        counts[Block],
+        counts[Head],
+    )
+
+
+def test_tensor_parallel_splits_a_layer_too_big_for_one_gpu():
+    with pytest.raises(ResourceError, match="does not fit"):
+        make_plan(wide_job(num_workers=1), gpu_box())
+    plan = make_plan(wide_job(num_workers=4, tensor_parallel=4), gpu_box())
+    assert plan.tensor_parallel == 4 and plan.data_parallel_size == 1
+    assert [(rank.rank, rank.shard) for rank in plan.ranks] == [(r, r) for r in range(4)]
+    assert all(rank.memory_gib <= rank.capacity_gib for rank in plan.ranks)
+    assert plan.estimate.seconds_by_cause["tensor-parallel all-reduce"] > 0
+    assert "data parallel 1 × pipeline 1 × tensor parallel 4" in plan.explain()
+
+
+def test_tensor_parallel_halves_what_a_rank_holds():
+    job = wide_job(num_workers=1).model_copy(
+        update={"model": ModelSpec(layers=2, heads=16, width=4096, sequence_length=1024)}
+    )
+    split = job.model_copy(
+        update={"train": job.train.model_copy(update={"num_workers": 2, "tensor_parallel": 2})}
+    )
+    one, two = make_plan(job, gpu_box()), make_plan(split, gpu_box())
+    ratio = two.ranks[0].memory_gib / one.ranks[0].memory_gib
+    assert 0.5 <= ratio < 0.56, ratio  # only norms, positions and biases stay whole
+
+
+def test_auto_planning_searches_tensor_parallel_within_a_node():
+    plan = make_plan(wide_job(parallelism="auto", global_batch_size=8), gpu_box(nodes=2))
+    assert plan.tensor_parallel > 1
+    assert all(rank.memory_gib <= rank.capacity_gib for rank in plan.ranks)
+    assert plan.tensor_parallel <= 4, "a tensor-parallel group never spans nodes"
+
+
+def test_tensor_parallel_wider_than_a_node_is_refused():
+    with pytest.raises(ResourceError) as caught:
+        make_plan(wide_job(num_workers=8, tensor_parallel=8), gpu_box(nodes=2))
+    assert "tensor parallel 8 needs 8 devices of one node per slot; gpu has 4 per node" in str(
+        caught.value
+    )

@@ -81,6 +81,23 @@ def test_all_problems_are_reported_together(write_job):
             "train.num_workers: 3 is not divisible by train.pipeline_stages 2",
         ),
         (
+            {"train": {"num_workers": 2, "pipeline_stages": 2, "tensor_parallel": 2}},
+            "train.num_workers: 2 is not divisible by train.pipeline_stages 2 × "
+            "train.tensor_parallel 2",
+        ),
+        (
+            {"train": {"tensor_parallel": 2, "zero_stage": 3}},
+            "train.zero_stage: 3 cannot be combined with train.tensor_parallel 2",
+        ),
+        (
+            {"model": {"heads": 3, "width": 96}, "train": {"tensor_parallel": 2}},
+            "train.tensor_parallel: 2 does not divide model.heads 3",
+        ),
+        (
+            {"model": {"vocabulary_size": 257}, "train": {"tensor_parallel": 2}},
+            "train.tensor_parallel: 2 does not divide model.vocabulary_size 257",
+        ),
+        (
             {"model": {"layers": 2}, "train": {"num_workers": 4, "pipeline_stages": 4}},
             "train.pipeline_stages: 4 is more than model.layers 2",
         ),

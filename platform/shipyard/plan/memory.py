@@ -10,11 +10,13 @@ Activations per transformer layer follow Korthikanti et al. 2022 ("Reducing Acti
 Recomputation in Large Transformer Models"): 34·s·b·h bytes in 16 bits with fused attention
 (the 5·a·s²·b term of materialised attention scores is gone with SDPA/flash attention), and
 only the layer input, 2·s·b·h, when the layer is recomputed (activation checkpointing).
+Under tensor parallelism t (no sequence parallelism) the same paper gives s·b·h·(10 + 24/t):
+the layer norms, residuals and dropout masks stay whole on every rank, the rest is split.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from shipyard.spec.job import ModelSpec
 
@@ -35,9 +37,27 @@ class ModelSize:
     sequence_length: int
     vocabulary_size: int
 
+    tensor_parallel: int = 1  # counts are per tensor-parallel rank (`shard`)
+
     @property
     def total(self) -> int:
         return self.embedding + self.block * self.layers + self.head
+
+    def shard(self, tensor_parallel: int) -> ModelSize:
+        """The counts one of `tensor_parallel` ranks holds: the split weights (qkv, attention
+        out, MLP, token embedding, logits) divided, the layer norms, position embedding and
+        row-parallel biases whole."""
+        if tensor_parallel == 1:
+            return self
+        h, t = self.width, tensor_parallel
+        tokens = self.vocabulary_size * h
+        return replace(
+            self,
+            embedding=tokens // t + self.embedding - tokens,
+            block=(12 * h * h + 7 * h) // t + 6 * h,
+            head=tokens // t + self.head - tokens,
+            tensor_parallel=t,
+        )
 
     def held(self, layers: int, has_embedding: bool, has_head: bool) -> int:
         """Parameters of a rank (or pipeline stage) holding `layers` blocks, and maybe the
@@ -106,9 +126,10 @@ def model_state_bytes(
 def activation_bytes_per_layer(
     size: ModelSize, micro_batch_size: int, precision: str, checkpointing: bool
 ) -> float:
-    """Activations one transformer block keeps for backward, per micro-batch."""
+    """Activations one transformer block keeps for backward, per micro-batch (on one
+    tensor-parallel rank of `size`)."""
     scale = VALUE_BYTES[precision] / 2  # the paper's figures are for 16-bit activations
-    per_token = (2 if checkpointing else 34) * size.width
+    per_token = (2 if checkpointing else 10 + 24 / size.tensor_parallel) * size.width
     return scale * per_token * size.sequence_length * micro_batch_size
 
 
@@ -151,7 +172,8 @@ def rank_memory(
     offload_optimizer: bool,
     offload_parameters: bool,
 ) -> RankMemory:
-    """Peak memory of a rank holding `layers` blocks (and the embedding/head if it has them).
+    """Peak memory of a rank holding `layers` blocks (and the embedding/head if it has them);
+    `size` is what one rank holds (`ModelSize.shard` under tensor parallelism).
 
     `in_flight` is how many micro-batches' activations wait for their backward: 1 without a
     pipeline; under 1F1B, stage i of p keeps min(p - i, micro-batches) of them.
@@ -173,5 +195,6 @@ def rank_memory(
         transient += activation_bytes_per_layer(size, micro_batch_size, precision, False)
     if has_head:
         tokens = size.sequence_length * micro_batch_size
-        transient += tokens * size.vocabulary_size * (VALUE_BYTES[precision] + 8)
+        vocabulary = size.vocabulary_size / size.tensor_parallel  # this rank's logits
+        transient += tokens * vocabulary * (VALUE_BYTES[precision] + 8)
     return RankMemory(states, in_flight * kept, transient)

@@ -2,13 +2,15 @@
 
 `make_plan(job)` is the layout exactly as the job writes it. `make_plan(job, cluster)` places it
 on the cluster's devices: with `train.parallelism: manual` it keeps the job's workers, stages,
-ZeRO stage, accumulation and offload, and splits layers and samples by device speed; with
-`auto` it searches data parallel × pipeline × ZeRO × accumulation × offload over the fastest
-device types and keeps the fastest layout that fits.
+tensor parallelism, ZeRO stage, accumulation and offload, and splits layers and samples by
+device speed; with `auto` it searches data parallel × pipeline × tensor parallel (within a
+node) × ZeRO × accumulation × offload over the fastest device types and keeps the fastest
+layout that fits.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
 
 from shipyard.errors import PlacementError, ResourceError
@@ -35,6 +37,7 @@ class RankPlan:
     capacity_gib: float
     host_memory_gib: float
     node_selector: dict[str, str]  # node labels that put this rank on its node type
+    shard: int = 0  # its place in its tensor-parallel group
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class ParallelPlan:
     cpus_per_worker: float
     gpus_per_worker: float
     layers_per_stage: tuple[int, ...]
+    tensor_parallel: int = 1  # ranks splitting each layer (adjacent ranks, on one node)
     replica_micro_batches: tuple[int, ...] = ()  # per data-parallel replica (empty: all equal)
     ranks: tuple[RankPlan, ...] = ()  # placed plans only
     estimate: Estimate | None = None
@@ -82,8 +86,8 @@ class ParallelPlan:
 
         Ray Train numbers ranks by node, not in the order of the label selectors it was given,
         so the k-th rank found on node type T takes the plan's k-th rank of T. A pipeline's
-        stage is fixed by the rank number (DeepSpeed's topology), so there the node type must
-        also be the one planned for that stage.
+        stage and a tensor-parallel shard are fixed by the rank number (DeepSpeed's topology),
+        so there the node type must also be the one planned for that rank.
         """
         waiting: dict[str, list[RankPlan]] = {}
         for planned in self.ranks:
@@ -96,11 +100,12 @@ class ParallelPlan:
                     f"Ray placed the ranks on {placed}, but the plan needs {wanted}"
                 )
             role = waiting[node_type].pop(0)
-            stage = rank // self.data_parallel_size
-            if self.pipeline_stages > 1 and self.ranks[rank].node_type != node_type:
+            stage = rank // (self.data_parallel_size * self.tensor_parallel)
+            fixed_by_rank = self.pipeline_stages > 1 or self.tensor_parallel > 1
+            if fixed_by_rank and self.ranks[rank].node_type != node_type:
                 raise PlacementError(
                     f"Ray placed rank {rank} (pipeline stage {stage}) on {node_type}, but the "
-                    f"plan gives that stage {self.ranks[rank].node_type}: {placed} vs {wanted}"
+                    f"plan gives that rank {self.ranks[rank].node_type}: {placed} vs {wanted}"
                 )
             roles.append(role)
         return tuple(roles)
@@ -163,8 +168,9 @@ class ParallelPlan:
             f"{self.num_workers} workers on {self.device.upper()} "
             f"({self.cpus_per_worker:g} CPU, {self.gpus_per_worker:g} GPU each), "
             f"{self.backend} collectives",
-            f"data parallel {self.data_parallel_size} × pipeline {self.pipeline_stages}; "
-            f"ZeRO stage {self.zero_stage}"
+            f"data parallel {self.data_parallel_size} × pipeline {self.pipeline_stages}"
+            + (f" × tensor parallel {self.tensor_parallel}" if self.tensor_parallel > 1 else "")
+            + f"; ZeRO stage {self.zero_stage}"
             + (f", offloading {' and '.join(offload)} to CPU" if offload else ""),
             f"batch: {batches} × {self.gradient_accumulation} accumulated"
             + ("" if self.uneven_batches else f" × {self.data_parallel_size} replicas")
@@ -230,6 +236,7 @@ def candidates(
         train.precision,
         job.model.activation_checkpointing,
         even_splits,
+        tensor_parallel_options(job),
     )
     groups = device_groups(cluster, train)
     if profiles:
@@ -290,28 +297,45 @@ def _manual_layouts(job: JobSpec, groups: tuple[DeviceGroup, ...]) -> list[Layou
             train.offload_optimizer,
             train.offload_parameters,
             train.gradient_accumulation,
+            train.tensor_parallel,
         )
     ]
 
 
 def _auto_layouts(groups, work: Workload, every_device: bool) -> list[Layout]:
-    """Fastest device types first (all of them, the fastest k types), every pipeline depth
-    dividing the devices, every ZeRO stage it allows, with and without offload, every
-    accumulation dividing the global batch."""
+    """Fastest device types first (all of them, the fastest k types), every pipeline depth and
+    tensor-parallel width (within one node) dividing the devices, every ZeRO stage they allow,
+    with and without offload, every accumulation dividing the global batch."""
     layouts = []
     for k in range(len(groups) if every_device else 1, len(groups) + 1):
         chosen = tuple(groups[:k])
         devices = sum(group.count for group in chosen)
-        for stages in _divisors(devices):
-            if stages > work.size.layers:
+        for stages, tp in itertools.product(_divisors(devices), work.tensor_parallel_options):
+            if stages > work.size.layers or devices % (stages * tp):
                 continue
-            for zero in (0, 1, 2, 3) if stages == 1 else (0, 1):
+            if any(group.per_node % tp or group.count % tp for group in chosen):
+                continue
+            replicas = devices // (stages * tp)
+            for zero in _zero_choices(stages, tp):
                 for offload in _offload_choices(zero):
                     for accumulation in _divisors(work.global_batch_size):
-                        if work.global_batch_size // accumulation < devices // stages:
+                        if work.global_batch_size // accumulation < replicas:
                             continue
-                        layouts.append(Layout(chosen, stages, zero, *offload, accumulation))
+                        layouts.append(Layout(chosen, stages, zero, *offload, accumulation, tp))
     return layouts
+
+
+def _zero_choices(stages: int, tensor_parallel: int) -> tuple[int, ...]:
+    """DeepSpeed's pipeline allows ZeRO 0-1; Shipyard's tensor-parallel layers ZeRO 0-2."""
+    if stages > 1:
+        return (0, 1)
+    return (0, 1, 2) if tensor_parallel > 1 else (0, 1, 2, 3)
+
+
+def tensor_parallel_options(job: JobSpec) -> tuple[int, ...]:
+    """Tensor-parallel widths the model splits into: dividing its heads and vocabulary."""
+    model = job.model
+    return tuple(t for t in _divisors(model.heads) if model.vocabulary_size % t == 0)
 
 
 def _offload_choices(zero: int) -> list[tuple[bool, bool]]:
@@ -330,21 +354,24 @@ def _divisors(number: int) -> list[int]:
 def _to_plan(job: JobSpec, cluster: ClusterSpec, scored: Scored, work: Workload) -> ParallelPlan:
     layout, train = scored.layout, job.train
     gpu = any(g.device.is_gpu and not g.simulated for g in layout.groups)
+    tp = layout.tensor_parallel
     ranks = tuple(
         RankPlan(
-            rank=rank.rank,
-            stage=rank.stage,
-            replica=rank.replica,
-            node_type=rank.group.node_type,
-            device=rank.group.device.name,
-            layers=rank.layers,
-            micro_batch_size=rank.micro_batch_size,
-            memory_gib=round(rank.memory.device / GIB, 3),
-            capacity_gib=round(rank.group.usable_gib, 3),
-            host_memory_gib=round(rank.memory.host / GIB, 3),
-            node_selector=rank.group.node_selector,
+            rank=slot.rank * tp + shard,  # DeepSpeed's order: the shard varies fastest
+            stage=slot.stage,
+            replica=slot.replica,
+            node_type=slot.group.node_type,
+            device=slot.group.device.name,
+            layers=slot.layers,
+            micro_batch_size=slot.micro_batch_size,
+            memory_gib=round(slot.memory.device / GIB, 3),
+            capacity_gib=round(slot.group.usable_gib, 3),
+            host_memory_gib=round(slot.memory.host / GIB, 3),
+            node_selector=slot.group.node_selector,
+            shard=shard,
         )
-        for rank in scored.ranks
+        for slot in scored.ranks
+        for shard in range(tp)
     )
     step = scored.step
     tokens = work.global_batch_size * work.size.sequence_length
@@ -364,6 +391,7 @@ def _to_plan(job: JobSpec, cluster: ClusterSpec, scored: Scored, work: Workload)
             "gradient sync": step.gradient_sync,
             "optimizer": step.optimizer,
             "DeepSpeed engine (measured)": step.engine,
+            "tensor-parallel all-reduce": step.tensor_sync,
         },
     )
     micro = scored.replica_micro_batches
@@ -381,6 +409,7 @@ def _to_plan(job: JobSpec, cluster: ClusterSpec, scored: Scored, work: Workload)
         cpus_per_worker=train.cpus_per_worker,
         gpus_per_worker=1.0 if gpu else 0.0,
         layers_per_stage=scored.layers_per_stage,
+        tensor_parallel=tp,
         replica_micro_batches=micro,
         ranks=ranks,
         estimate=estimate,
@@ -393,9 +422,11 @@ def _summary(layout: Layout) -> str:
     offload = " +offload" if layout.offload_optimizer else ""
     offload += " +param offload" if layout.offload_parameters else ""
     devices = " + ".join(f"{g.count}×{g.device.name}" for g in layout.groups)
+    tp = f" × tp {layout.tensor_parallel}" if layout.tensor_parallel > 1 else ""
     return (
-        f"dp {layout.data_parallel_size} × pp {layout.pipeline_stages}, ZeRO-{layout.zero_stage}"
-        f"{offload}, accumulate {layout.gradient_accumulation}, on {devices}"
+        f"dp {layout.data_parallel_size} × pp {layout.pipeline_stages}{tp}, "
+        f"ZeRO-{layout.zero_stage}{offload}, accumulate {layout.gradient_accumulation}, "
+        f"on {devices}"
     )
 
 
@@ -442,6 +473,7 @@ def _as_written(job: JobSpec) -> ParallelPlan:
         cpus_per_worker=train.cpus_per_worker,
         gpus_per_worker=train.gpus_per_worker,
         layers_per_stage=split_evenly(job.model.layers, train.pipeline_stages),
+        tensor_parallel=train.tensor_parallel,
     )
 
 

@@ -3,7 +3,9 @@
 A layout is a data-parallel × pipeline grid over devices sorted fastest first: pipeline stage s
 takes the s-th slice of `data_parallel_size` devices, so a stage's replicas sit on like devices
 and every replica is a pipeline of the same device types. Layers go to stages by stage speed,
-bounded by memory; samples go to replicas by replica speed (uneven data parallelism).
+bounded by memory; samples go to replicas by replica speed (uneven data parallelism). Under
+tensor parallelism t every cell of the grid is a slot of t like devices on one node, which
+split each layer between them.
 
 Time model per optimizer step:
 - compute: training FLOPs (6 per parameter per token, plus attention; 8 with recomputation)
@@ -12,7 +14,9 @@ Time model per optimizer step:
 - gradients: a ring all-reduce (ZeRO's reduce-scatter + all-gather moves the same bytes; ZeRO-3
   also gathers parameters, 1.5×) over the slowest link the data-parallel group crosses;
 - optimizer: Adam streams its states through device memory, or runs on the host when offloaded
-  after gradients and parameters cross PCIe.
+  after gradients and parameters cross PCIe;
+- tensor parallel: each block all-reduces its (micro-batch × sequence × width) activations twice
+  forward and twice backward (three times with recomputation) over the node's GPU link.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class Layout:
     offload_optimizer: bool
     offload_parameters: bool
     gradient_accumulation: int
+    tensor_parallel: int = 1
 
     @property
     def devices(self) -> tuple[int, ...]:
@@ -45,15 +50,31 @@ class Layout:
         return tuple(i for i, group in enumerate(self.groups) for _ in range(group.count))
 
     @property
+    def slots(self) -> tuple[int, ...]:
+        """Each slot of `tensor_parallel` devices (one device without it), as its group."""
+        return self.devices[:: self.tensor_parallel]
+
+    @property
     def data_parallel_size(self) -> int:
-        return len(self.devices) // self.pipeline_stages
+        return len(self.slots) // self.pipeline_stages
+
+    def tensor_parallel_problem(self) -> str | None:
+        """Why the groups cannot be cut into slots of one node each (None if they can)."""
+        t = self.tensor_parallel
+        for group in self.groups:
+            if group.per_node % t or group.count % t:
+                return (
+                    f"tensor parallel {t} needs {t} devices of one node per slot; "
+                    f"{group.node_type} has {group.per_node} per node ({group.count} used)"
+                )
+        return None
 
 
 @dataclass(frozen=True)
 class Rank:
     """One rank of a scored layout."""
 
-    rank: int
+    rank: int  # the slot's number; its tensor-parallel ranks follow each other
     stage: int
     replica: int
     group: DeviceGroup
@@ -72,6 +93,7 @@ class StepTime:
     gradient_sync: float
     optimizer: float
     engine: float = 0.0  # DeepSpeed's measured time beyond the math (replaces the two above)
+    tensor_sync: float = 0.0  # tensor parallelism's all-reduces inside every block
 
     @property
     def total(self) -> float:
@@ -82,6 +104,7 @@ class StepTime:
             + self.gradient_sync
             + self.optimizer
             + self.engine
+            + self.tensor_sync
         )
 
 
@@ -105,6 +128,7 @@ class Workload:
     precision: str
     checkpointing: bool
     even_splits: bool = False  # split layers and samples evenly, as if devices were alike
+    tensor_parallel_options: tuple[int, ...] = (1,)  # widths the model splits into (auto)
 
 
 def score(layout: Layout, work: Workload) -> Scored | str:
@@ -112,8 +136,10 @@ def score(layout: Layout, work: Workload) -> Scored | str:
     stages, dp = layout.pipeline_stages, layout.data_parallel_size
     if work.global_batch_size % layout.gradient_accumulation:
         return f"global batch {work.global_batch_size} is not a multiple of the accumulation"
+    if layout.tensor_parallel > 1 and (problem := layout.tensor_parallel_problem()):
+        return problem
     samples = work.global_batch_size // layout.gradient_accumulation  # per micro-step
-    grid = [layout.devices[stage * dp : (stage + 1) * dp] for stage in range(stages)]
+    grid = [layout.slots[stage * dp : (stage + 1) * dp] for stage in range(stages)]
     if stages == 1:
         micro = _split_samples(layout, work, grid[0], samples)
         layers: tuple[int, ...] | str = (work.size.layers,)
@@ -172,7 +198,7 @@ def _split_layers(layout, work, grid, micro) -> tuple[int, ...] | str:
         )
     if work.size.layers < stages:
         return f"{work.size.layers} layers cannot fill {stages} pipeline stages"
-    head_share = _head_flops(work.size) / block_flops(work.size, work.checkpointing)
+    head_share = _head_flops(work.size) / block_flops(work.size, work.checkpointing)  # same /t
     fixed = [0.0] * (stages - 1) + [head_share]
     split = _split(work.size.layers, speeds, caps, fixed, work)
     if split is None:
@@ -218,7 +244,7 @@ def _ranks(layout, work, grid, layers, micro) -> tuple[Rank, ...]:
 
 def _rank_memory(layout, work, layers, first, last, micro, in_flight) -> RankMemory:
     return rank_memory(
-        work.size,
+        work.size.shard(layout.tensor_parallel),
         layers=layers,
         has_embedding=first,
         has_head=last,
@@ -282,8 +308,14 @@ def _step_time(layout, work, grid, ranks, layers) -> StepTime:
         if rank.stage == stages - 1:
             flops += _head_flops(size)
         tokens = rank.micro_batch_size * size.sequence_length
-        per_micro[rank.rank] = flops * tokens / _speed(rank.group, work, rank.micro_batch_size)
+        per_micro[rank.rank] = (
+            flops
+            * tokens
+            / layout.tensor_parallel
+            / _speed(rank.group, work, rank.micro_batch_size)
+        )
     slowest = max(per_micro.values())
+    tensor_sync = accumulation * max(_tensor_sync(layout, work, rank) for rank in ranks)
     compute = accumulation * slowest
     bubble = (stages - 1) * slowest
     transfer = 0.0
@@ -301,24 +333,39 @@ def _step_time(layout, work, grid, ranks, layers) -> StepTime:
             - rank.group.device.micro_step_overhead_s
             for rank in ranks
         )
-        return StepTime(compute, bubble, transfer, 0.0, 0.0, engine)
+        return StepTime(compute, bubble, transfer, 0.0, 0.0, engine, tensor_sync)
     sync = max(_gradient_sync(layout, work, grid[s], layers[s], s, stages) for s in range(stages))
-    return StepTime(compute, bubble, transfer, sync, _optimizer_time(layout, work, ranks))
+    optimizer = _optimizer_time(layout, work, ranks)
+    return StepTime(compute, bubble, transfer, sync, optimizer, 0.0, tensor_sync)
+
+
+def _tensor_sync(layout: Layout, work: Workload, rank: Rank) -> float:
+    """One micro-step's all-reduces of a tensor-parallel slot: per block, two forward and two
+    backward (plus the recomputed forward's two), a ring over the node's GPU link."""
+    t = layout.tensor_parallel
+    if t == 1:
+        return 0.0
+    size = work.size
+    activation = rank.micro_batch_size * size.sequence_length * size.width
+    per_block = (6 if work.checkpointing else 4) * activation * VALUE_BYTES[work.precision]
+    return rank.layers * per_block * 2 * (t - 1) / t / (rank.group.device.link_gb_per_s * 1e9)
 
 
 def _gradient_sync(layout, work, devices, layers, stage, stages) -> float:
     dp = len(devices)
     if dp == 1:
         return 0.0
-    volume = work.size.held(layers, stage == 0, stage == stages - 1) * VALUE_BYTES[work.precision]
+    held = work.size.shard(layout.tensor_parallel).held(layers, stage == 0, stage == stages - 1)
+    volume = held * VALUE_BYTES[work.precision]
     volume *= 2 * (dp - 1) / dp * (1.5 if layout.zero_stage == 3 else 1.0)
     return volume / (_slowest_link(layout, devices) * 1e9)
 
 
-def _slowest_link(layout: Layout, devices) -> float:
+def _slowest_link(layout: Layout, slots) -> float:
     """Within one node, the GPUs' link; across nodes, the slowest node's network share."""
-    groups = sorted(set(devices))
-    spans_nodes = len(groups) > 1 or devices.count(groups[0]) > layout.groups[groups[0]].per_node
+    groups = sorted(set(slots))
+    devices = slots.count(groups[0]) * layout.tensor_parallel
+    spans_nodes = len(groups) > 1 or devices > layout.groups[groups[0]].per_node
     if not spans_nodes:
         return layout.groups[groups[0]].device.link_gb_per_s
     return min(
@@ -330,7 +377,7 @@ def _slowest_link(layout: Layout, devices) -> float:
 def _link_between(layout, sending, receiving) -> float:
     if set(sending) == set(receiving) and len(set(sending)) == 1:
         group = layout.groups[sending[0]]
-        if len(sending) + len(receiving) <= group.per_node:
+        if (len(sending) + len(receiving)) * layout.tensor_parallel <= group.per_node:
             return group.device.link_gb_per_s
     return min(layout.groups[i].network_gb_per_s for i in {*sending, *receiving})
 
@@ -340,7 +387,9 @@ def _optimizer_time(layout: Layout, work: Workload, ranks) -> float:
     for rank in ranks:
         states = rank.memory.model_states
         if layout.offload_optimizer:  # ZeRO-Offload: Adam on the host over this rank's shard
-            parameters = work.size.held(rank.layers, rank.stage == 0, rank.stage == stages - 1)
+            parameters = work.size.shard(layout.tensor_parallel).held(
+                rank.layers, rank.stage == 0, rank.stage == stages - 1
+            )
             shard = parameters / layout.data_parallel_size
             # 16-bit gradients cross down, 16-bit weights back up.
             crossing = 2 * shard * 2 / (HOST_LINK_GB_PER_S * 1e9)
@@ -349,7 +398,7 @@ def _optimizer_time(layout: Layout, work: Workload, ranks) -> float:
             bandwidth = rank.group.device.memory_bandwidth_gb_per_s * 1e9
             seconds = OPTIMIZER_PASSES * states.device / bandwidth
         if layout.offload_parameters:  # ZeRO-Infinity streams weights in for forward and backward
-            weights = 2 * rank.layers * work.size.block * 2
+            weights = 2 * rank.layers * work.size.shard(layout.tensor_parallel).block * 2
             seconds += layout.gradient_accumulation * weights / (HOST_LINK_GB_PER_S * 1e9)
         slowest = max(slowest, seconds)
     return slowest

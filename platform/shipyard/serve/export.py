@@ -23,13 +23,14 @@ import torch
 
 from shipyard.errors import ShipyardError
 from shipyard.models.gpt import GPT
+from shipyard.models.tensor_parallel import join_shards
 from shipyard.spec.job import ModelSpec
 from shipyard.train.checkpoint import CHECKPOINT_TAG, SavedCheckpoint
 
 EXPORT_FOLDER = "export"
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "model.json"
-_PIPELINE_LAYER_FILE = re.compile(r"layer_(\d+)(-model_\d+)?-model_states\.pt")
+_PIPELINE_LAYER_FILE = re.compile(r"layer_(\d+)(?:-model_(\d+))?-model_states\.pt")
 
 
 class ExportError(ShipyardError):
@@ -142,24 +143,34 @@ def consolidated_state_dict(checkpoint: SavedCheckpoint) -> dict[str, torch.Tens
     folder = Path(checkpoint.path) / CHECKPOINT_TAG
     if not folder.is_dir():
         raise ExportError(f"{checkpoint.path}: no {CHECKPOINT_TAG}/ folder; not a checkpoint.")
+    tensor_parallel = checkpoint.plan.get("tensor_parallel", 1)
     if checkpoint.plan["pipeline_stages"] > 1:
         state = _from_pipeline_layers(folder)
-    elif checkpoint.plan["zero_stage"] == 0:
-        state = _torch_load(folder / "mp_rank_00_model_states.pt")["module"]
+    elif checkpoint.plan["zero_stage"] == 0 or tensor_parallel > 1:
+        # Below ZeRO-3 every tensor-parallel rank's file holds its whole share of the model.
+        # (Under bf16 that is the bf16 copy; ZeRO's fp32 master is not consolidated per shard.)
+        state = join_shards(
+            [
+                _torch_load(folder / f"mp_rank_{rank:02d}_model_states.pt")["module"]
+                for rank in range(tensor_parallel)
+            ]
+        )
     else:
         state = _from_zero_partitions(Path(checkpoint.path))
     return {name: tensor.detach().float().contiguous() for name, tensor in state.items()}
 
 
 def _from_pipeline_layers(folder: Path) -> dict[str, torch.Tensor]:
-    """Pipeline stages save one file per layer, numbered as the GPT's layers are."""
-    state = {}
+    """Pipeline stages save one file per layer and tensor-parallel rank, numbered as the GPT's
+    layers are."""
+    by_rank: dict[int, dict[str, torch.Tensor]] = {}
     for file in sorted(folder.iterdir()):
         match = _PIPELINE_LAYER_FILE.fullmatch(file.name)
         if match:
+            rank = int(match.group(2) or 0)
             for name, tensor in _torch_load(file).items():
-                state[f"layers.{int(match.group(1))}.{name}"] = tensor
-    return state
+                by_rank.setdefault(rank, {})[f"layers.{int(match.group(1))}.{name}"] = tensor
+    return join_shards([by_rank[rank] for rank in sorted(by_rank)])
 
 
 def _from_zero_partitions(checkpoint_folder: Path) -> dict[str, torch.Tensor]:

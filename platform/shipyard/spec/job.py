@@ -73,6 +73,12 @@ class TrainSpec(Strict):
     gradient_accumulation: int = Field(1, ge=1)
     global_batch_size: int | None = Field(None, ge=1)
     pipeline_stages: int = Field(1, ge=1)
+    tensor_parallel: int = Field(
+        1,
+        ge=1,
+        description="ranks that split every layer's heads, MLP units and vocabulary (on one "
+        "node); workers = data parallel × pipeline_stages × tensor_parallel.",
+    )
 
     optimizer: Literal["adamw", "adam"] = "adamw"
     lr: float = Field(1e-3, gt=0, le=10)
@@ -96,16 +102,24 @@ class TrainSpec(Strict):
 
     @property
     def data_parallel_size(self) -> int:
-        """Model replicas: workers not spent on pipeline stages."""
-        return self.num_workers // self.pipeline_stages
+        """Model replicas: workers not spent on pipeline stages or tensor-parallel shards."""
+        return self.num_workers // (self.pipeline_stages * self.tensor_parallel)
 
     @model_validator(mode="after")
     def _parallelism_is_consistent(self) -> TrainSpec:
-        if self.num_workers % self.pipeline_stages:
+        model_parallel = self.pipeline_stages * self.tensor_parallel
+        if self.num_workers % model_parallel:
             raise ValueError(
                 f"train.num_workers: {self.num_workers} is not divisible by "
-                f"train.pipeline_stages {self.pipeline_stages}. To fix: use a multiple of "
-                f"{self.pipeline_stages} workers."
+                f"train.pipeline_stages {self.pipeline_stages} × train.tensor_parallel "
+                f"{self.tensor_parallel}. To fix: use a multiple of {model_parallel} workers."
+            )
+        if self.tensor_parallel > 1 and self.zero_stage == 3:
+            raise ValueError(
+                f"train.zero_stage: 3 cannot be combined with train.tensor_parallel "
+                f"{self.tensor_parallel}: Shipyard's tensor-parallel layers are trained with "
+                "ZeRO 0, 1 or 2 (ZeRO-3 would partition the shards again). To fix: set "
+                "zero_stage to 2 or lower, or tensor_parallel to 1."
             )
         if self.pipeline_stages > 1 and self.zero_stage > 1:
             raise ValueError(
@@ -325,6 +339,17 @@ class JobSpec(Strict):
                 f"model.layers {self.model.layers}; every stage needs at least one layer. "
                 f"To fix: use at most {self.model.layers} stages."
             )
+        tp = self.train.tensor_parallel
+        for field_name, value in (
+            ("heads", self.model.heads),
+            ("vocabulary_size", self.model.vocabulary_size),
+        ):
+            if value % tp:
+                raise ValueError(
+                    f"train.tensor_parallel: {tp} does not divide model.{field_name} {value}; "
+                    f"each rank holds an equal share of it. To fix: use a tensor_parallel from "
+                    f"{_divisors(value)}, or change model.{field_name}."
+                )
         for field_name in ("storage", "artifacts"):
             location = getattr(self, field_name)
             if location and "://" in location and not _is_s3_bucket(location):

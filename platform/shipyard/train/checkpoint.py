@@ -23,6 +23,7 @@ STATE_SHAPING_FIELDS = (
     "model.vocabulary_size",
     "train.num_workers",
     "train.pipeline_stages",
+    "train.tensor_parallel",
     "train.zero_stage",
 )
 

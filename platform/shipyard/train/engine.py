@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -9,23 +10,60 @@ from deepspeed.runtime.pipe import LayerSpec, PipelineModule
 from torch.optim.lr_scheduler import LambdaLR
 
 from shipyard.models.gpt import GPT, language_model_loss, layer_recipes
+from shipyard.models.tensor_parallel import SINGLE, TensorParallel
 from shipyard.plan.plan import ParallelPlan
 from shipyard.spec.job import JobSpec, TrainSpec
 from shipyard.train.schedule import lr_factor
 
 
-def build_engine(job: JobSpec, plan: ParallelPlan, config: dict[str, Any]):
-    """deepspeed.initialize on the model this plan calls for, with Shipyard's LR schedule."""
+def build_engine(
+    job: JobSpec, plan: ParallelPlan, config: dict[str, Any], tp: TensorParallel = SINGLE
+):
+    """deepspeed.initialize on the model this plan calls for, with Shipyard's LR schedule.
+
+    With tensor parallelism, `tp` is this rank's group from `process_grid`, which DeepSpeed also
+    gets (as `mpu`) so that it averages gradients and partitions ZeRO states over the
+    data-parallel ranks only and sums gradient norms over the shards."""
     import deepspeed
 
-    model = build_model(job, plan)
+    model = build_model(job, plan, tp)
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=config,
         lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda step: lr_factor(step, job.train)),
+        mpu=tp.grid if tp.active and plan.pipeline_stages == 1 else None,
     )
     return engine
+
+
+def process_grid(plan: ParallelPlan):
+    """DeepSpeed's rank layout for pipeline × data × tensor parallel, tensor parallel varying
+    fastest (so a tensor-parallel group is adjacent ranks, which Ray packs onto one node).
+
+    Creates every group on every rank, in the same order: all ranks must call it together."""
+    from deepspeed.runtime.pipe.topology import (
+        PipelineParallelGrid,
+        PipeModelDataParallelTopology,
+    )
+
+    topology = PipeModelDataParallelTopology(
+        num_pp=plan.pipeline_stages, num_mp=plan.tensor_parallel, num_dp=plan.data_parallel_size
+    )
+    return PipelineParallelGrid(topology=topology)
+
+
+def tensor_parallel_group(plan: ParallelPlan) -> TensorParallel:
+    """This rank's tensor-parallel group (SINGLE without tensor parallelism)."""
+    if plan.tensor_parallel == 1:
+        return SINGLE
+    grid = process_grid(plan)
+    return TensorParallel(
+        size=plan.tensor_parallel,
+        rank=grid.get_slice_parallel_rank(),
+        group=grid.get_slice_parallel_group(),
+        grid=grid,
+    )
 
 
 def apply_hyperparameters(engine, train: TrainSpec) -> None:
@@ -45,17 +83,20 @@ def apply_hyperparameters(engine, train: TrainSpec) -> None:
         group["betas"] = tuple(train.betas)
 
 
-def build_model(job: JobSpec, plan: ParallelPlan) -> torch.nn.Module:
-    """The GPT whole, or as this rank's pipeline stage with the plan's blocks per stage."""
+def build_model(job: JobSpec, plan: ParallelPlan, tp: TensorParallel = SINGLE) -> torch.nn.Module:
+    """The GPT whole, or as this rank's pipeline stage with the plan's blocks per stage (either
+    holding this rank's tensor-parallel share)."""
     if plan.pipeline_stages == 1:
-        return GPT(job.model, job.train.seed)
+        return GPT(job.model, job.train.seed, tp)
     from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
 
+    recipes = layer_recipes(job.model, job.train.seed, tp)
     return PlannedPipeline(
         blocks_per_stage=plan.layers_per_stage,
-        layers=[LayerSpec(cls, *args) for cls, *args in layer_recipes(job.model, job.train.seed)],
-        num_stages=plan.pipeline_stages,
-        loss_fn=_pipeline_loss,
+        layers=[LayerSpec(cls, *args) for cls, *args in recipes],
+        num_stages=None if tp.active else plan.pipeline_stages,
+        topology=tp.grid.topology() if tp.active else None,
+        loss_fn=partial(language_model_loss, tp=tp),
         activation_checkpoint_interval=1 if job.model.activation_checkpointing else 0,
         activation_checkpoint_func=non_reentrant_checkpoint,
         checkpointable_layers=["Block"],
@@ -82,7 +123,3 @@ class PlannedPipeline(PipelineModule):
         self.parts = boundaries
         stage = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=boundaries[stage], stop=boundaries[stage + 1])
-
-
-def _pipeline_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return language_model_loss(logits, targets)

@@ -28,12 +28,18 @@ from shipyard.data.batches import (
     replica_slices,
     training_batches,
 )
+from shipyard.errors import PlacementError
 from shipyard.models.gpt import language_model_loss
+from shipyard.models.tensor_parallel import TensorParallel
 from shipyard.plan.plan import ParallelPlan
 from shipyard.spec.job import JobSpec
 from shipyard.train.checkpoint import CHECKPOINT_TAG, METADATA_FILE
 from shipyard.train.deepspeed_config import deepspeed_config
-from shipyard.train.engine import apply_hyperparameters, build_engine
+from shipyard.train.engine import (
+    apply_hyperparameters,
+    build_engine,
+    tensor_parallel_group,
+)
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,8 @@ class Worker:
         self.device = _device(plan)
         self.pipelined = plan.pipeline_stages > 1
         deepspeed.init_distributed(dist_backend=plan.backend)
+        self.tp = tensor_parallel_group(plan)  # collective: before anything else uses groups
+        check_on_one_node(self.tp)
         self.placement = where_ranks_run(plan)
         # Raises alike on every rank if this placement cannot play the plan.
         roles = plan.roles(self.placement) if plan.select_nodes else None
@@ -94,14 +102,15 @@ class Worker:
         # the average over all samples of the global batch.
         micro = plan.micro_batches
         self.global_micro_batch = sum(micro)
-        replica = self.rank % plan.data_parallel_size  # a pipeline's: DeepSpeed's data coordinate
+        # DeepSpeed's data coordinate: ranks are (stage, replica, tensor shard), the last fastest.
+        replica = (self.rank // plan.tensor_parallel) % plan.data_parallel_size
         if roles and not self.pipelined:
             replica = roles[self.rank].replica
         self.slice = replica_slices(micro)[replica]
         self.sample_share = micro[replica] / self.global_micro_batch
         self.loss_weight = self.sample_share * plan.data_parallel_size
         config = deepspeed_config(plan, job.train, micro_batch_size=micro[replica])
-        self.engine = build_engine(job, plan, config)
+        self.engine = build_engine(job, plan, config, self.tp)
         self.step = self._restore(start_checkpoint)
         self.train_windows = load_windows(ray.train.get_dataset_shard("train"))
         self.validation_windows = load_windows(ray.train.get_dataset_shard("validation"))
@@ -116,7 +125,8 @@ class Worker:
         window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
         reported = False
         while self.step < self.final_step:
-            torch.manual_seed(_step_seed(self.train.seed, self.step, self.rank))  # dropout
+            # Dropout: the ranks of one tensor-parallel group share the generator.
+            torch.manual_seed(_step_seed(self.train.seed, self.step, self.rank // self.tp.size))
             window_loss += self._optimizer_step(batches)
             self.step += 1
             window_steps += 1
@@ -150,7 +160,7 @@ class Worker:
         total = 0.0
         for _ in range(self.plan.gradient_accumulation):
             inputs, targets = next(batches)
-            loss = language_model_loss(self.engine(inputs), targets)
+            loss = language_model_loss(self.engine(inputs), targets, self.tp)
             self.engine.backward(loss * self.loss_weight)
             self.engine.step()
             total += loss.item()
@@ -177,7 +187,7 @@ class Worker:
             return {"val_loss": self._mean_over_replicas(float(loss), pipeline_output=True)}
         self.engine.eval()
         with torch.no_grad():
-            losses = [language_model_loss(self.engine(x), y).item() for x, y in batches]
+            losses = [language_model_loss(self.engine(x), y, self.tp).item() for x, y in batches]
         self.engine.train()
         return {"val_loss": self._mean_over_replicas(float(np.mean(losses)))}
 
@@ -222,14 +232,15 @@ class Worker:
         """A per-replica mean over samples, as the mean over all samples of the global batch.
 
         A pipeline's training loss is already averaged over replicas by DeepSpeed; its
-        evaluation loss is per replica, the same on every stage of it.
+        evaluation loss is per replica, the same on every stage of it. Every tensor-parallel
+        shard of a replica has the same loss too, so each replica is summed `copies` times.
         """
         if dist.get_world_size() == 1 or (self.pipelined and not pipeline_output):
             return value
-        stages = self.plan.pipeline_stages if pipeline_output else 1
+        copies = (self.plan.pipeline_stages if pipeline_output else 1) * self.tp.size
         tensor = torch.tensor([value * self.sample_share], dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor)
-        return tensor.item() / stages
+        return tensor.item() / copies
 
     def _maybe_fail(self) -> None:
         fault = self.fault
@@ -254,6 +265,22 @@ def where_ranks_run(plan: ParallelPlan) -> list[str]:
     everywhere: list[str] = [""] * dist.get_world_size()
     dist.all_gather_object(everywhere, here or f"a node labelled {labels}")
     return everywhere
+
+
+def check_on_one_node(tp: TensorParallel) -> None:
+    """A tensor-parallel group all-reduces inside every layer: its ranks must share a node's
+    fast links. Ray Train numbers ranks node by node, so adjacent ranks do unless a node got a
+    number of workers that tensor_parallel does not divide."""
+    if not tp.active:
+        return
+    nodes: list[str] = [""] * tp.size
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id(), group=tp.group)
+    if len(set(nodes)) > 1:
+        raise PlacementError(
+            f"train.tensor_parallel: the {tp.size} ranks of a tensor-parallel group landed on "
+            f"{len(set(nodes))} nodes; they must share one. To fix: use node types whose GPU "
+            "count tensor_parallel divides, and whole nodes of workers."
+        )
 
 
 def _device(plan: ParallelPlan) -> torch.device:
