@@ -41,6 +41,7 @@ bench: setup
 	$(PY) benchmarks/serve_load.py
 	$(PY) benchmarks/sweep_efficiency.py
 	$(PY) benchmarks/planner.py --measure
+	$(PY) benchmarks/tensor_parallel.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

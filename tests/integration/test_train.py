@@ -13,7 +13,7 @@ from shipyard.storage import open_store
 from shipyard.train.checkpoint import latest_checkpoint, local_copy, saved_checkpoints
 from shipyard.train.trainer import run_training
 from shipyard.train.worker import Fault
-from tests.integration.conftest import PP2_TP2, tiny_job, validation_loss
+from tests.integration.conftest import PP2_TP2, TP2, tiny_job, validation_loss
 
 pytestmark = pytest.mark.integration
 
@@ -66,21 +66,26 @@ def test_pipeline_trains_the_same_model_as_data_parallel(layouts):
     assert pipeline[-1]["val_loss"] < UNIFORM_LOSS - 1.0
 
 
-@pytest.mark.parametrize(
-    ("name", "train"),
-    [("tp2", {"zero_stage": 1, "tensor_parallel": 2}), ("pp2tp2", PP2_TP2)],
-)
-def test_tensor_parallel_trains_the_same_model_as_one_device(layouts, name, train):
-    """Tensor parallel 2 over 2 workers, or pipeline 2 × tensor parallel 2 over 4, is one
-    replica, as pipeline 2 over 2 workers is: the same batches and the same model (each layer's
-    weights cut in two), so the same losses at every step, up to summation order."""
-    pipeline = losses(layouts("pipeline2", zero_stage=1, pipeline_stages=2))
-    split = layouts(name, **train)
+def test_tensor_parallel_trains_the_same_model_as_one_device(layouts):
+    """Pipeline 2 × tensor parallel 2 over 4 workers is one replica, as pipeline 2 over 2
+    workers is: the same batches and the same model (each layer's weights cut in two), so the
+    same losses at every step, up to summation order."""
+    pipeline = layouts("pipeline2", zero_stage=1, pipeline_stages=2)
+    split = layouts("pp2tp2", **PP2_TP2)
     assert split.final["step"] == 24
-    assert losses(split) == pytest.approx(pipeline, rel=1e-3)
-    assert split.final["val_loss"] == pytest.approx(
-        layouts("pipeline2", zero_stage=1, pipeline_stages=2).final["val_loss"], rel=1e-3
-    )
+    assert losses(split) == pytest.approx(losses(pipeline), rel=1e-3)
+    assert split.final["val_loss"] == pytest.approx(pipeline.final["val_loss"], rel=1e-3)
+
+
+def test_a_tensor_parallel_run_resumes_from_its_shards(layouts, runs_dir):
+    """Tensor parallel 2 (DeepSpeed given the grid as its mpu, ZeRO-1 over one replica):
+    stopped at step 12, each rank saves its shard; the re-run loads each rank's own and ends
+    with pipeline 2's losses, as one uninterrupted run of one replica would."""
+    first = run_training(tiny_job("tp2", runs_dir, **TP2), stop_at_step=12)
+    second = layouts("tp2", **TP2)  # the session's tp2 layout: it continues from step 12
+    assert second.history[0]["resumed_from_step"] == 12 and second.final["step"] == 24
+    pipeline = layouts("pipeline2", zero_stage=1, pipeline_stages=2)
+    assert losses(first) + losses(second) == pytest.approx(losses(pipeline), rel=1e-3)
 
 
 def test_run_stopped_halfway_resumes_from_s3_to_the_same_loss(layouts, s3, tmp_path, monkeypatch):

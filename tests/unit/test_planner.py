@@ -195,6 +195,7 @@ SHIPPED = {
     "local.yaml": [
         "tiny-gpt.yaml",
         "pipeline-gpt.yaml",
+        "3d-gpt.yaml",
         "zero3-offload-bf16.yaml",
         "sweep-tiny-gpt.yaml",
     ],
