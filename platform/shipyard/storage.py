@@ -286,22 +286,36 @@ def remove_folder(uri: str) -> None:
 
 @contextmanager
 def mirrored_file(location: str, key: str) -> Iterator[Path]:
-    """The file `key` of a storage location as a file on this machine. On S3 it is fetched first
-    if this machine has no copy, and uploaded back afterwards, also after a failure or Ctrl-C,
-    so a run continued on another machine continues the file."""
+    """The append-only text file `key` of a storage location as a file on this machine. On S3
+    the local copy is first brought up to date (`_catch_up`), and uploaded back afterwards,
+    also after a failure or Ctrl-C, so a run continued on another machine continues the file."""
     path = local_mirror(location) / key
     if not is_remote(location):
         yield path
         return
     store = open_store(location)
-    if not path.is_file() and store.get_text(key) is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        store.download(key, path)
+    _catch_up(path, store.get_text(key))
     try:
         yield path
     finally:
         if path.is_file():
             store.upload(path, key)
+
+
+def _catch_up(path: Path, remote: str | None) -> None:
+    """Make `path` hold at least what S3 holds. A local copy that extends S3's (its upload was
+    lost) is kept; an older one is replaced; one that went another way is kept beside, renamed,
+    so that no row is lost."""
+    if remote is None:
+        return
+    local = path.read_text() if path.is_file() else None
+    if local is not None and local.startswith(remote):
+        return
+    if local is not None and not remote.startswith(local):
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        path.rename(path.with_name(f"{path.name}.diverged-{stamp}"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(remote)
 
 
 def download_folder(store: Store, prefix: str, target: Path) -> Path:

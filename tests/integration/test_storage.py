@@ -148,6 +148,29 @@ def test_a_mirrored_file_continues_on_another_machine(where, request, tmp_path, 
     assert open_store(location).get_text("history.jsonl") == "one\ntwo\n"
 
 
+def test_a_mirrored_file_takes_the_newest_rows_and_loses_none(s3, tmp_path, monkeypatch):
+    """This machine's copy is older than S3's (another machine appended since): S3's wins. It
+    extends S3's (its upload was lost): it is kept. It went another way: S3's is taken and this
+    machine's kept beside it."""
+    location = f"{s3}/job"
+    store = open_store(location)
+    monkeypatch.setenv("SHIPYARD_CACHE", str(tmp_path))
+    local = tmp_path / "s3" / location.removeprefix("s3://") / "log"
+    local.parent.mkdir(parents=True)
+    for before, remote, after in (
+        ("a\n", "a\nb\n", "a\nb\n"),  # stale here
+        ("a\nb\nc\n", "a\nb\n", "a\nb\nc\n"),  # newer here
+        ("a\nx\n", "a\nb\nc\n", "a\nb\nc\n"),  # diverged
+    ):
+        local.write_text(before)
+        store.put_text("log", remote)
+        with mirrored_file(location, "log") as path:
+            assert path.read_text() == after
+        assert store.get_text("log") == after
+    kept = list(local.parent.glob("log.diverged-*"))
+    assert [file.read_text() for file in kept] == ["a\nx\n"]
+
+
 @pytest.mark.parametrize("where", ["s3", "local"])
 def test_remove_folder_deletes_everything_under_it_and_nothing_beside(where, request, tmp_path):
     root = request.getfixturevalue("s3") + "/runs" if where == "s3" else str(tmp_path / "runs")
