@@ -17,7 +17,7 @@ from shipyard.serve.export import export_checkpoint, load_exported_model
 from shipyard.serve.generation import GenerationRequest, TextGenerator
 from shipyard.spec.job import ServeSpec
 from shipyard.train.checkpoint import latest_checkpoint
-from tests.integration.conftest import PP2_TP2, TP2, tiny_job, validation_loss, wait_for
+from tests.integration.conftest import PP2_TP2, tiny_job, validation_loss, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +45,6 @@ BODIES = [{"prompt": p, "max_new_tokens": 6 + 2 * i} for i, p in enumerate(PROMP
     [
         ("zero3", {"zero_stage": 3}),
         ("pipeline2", {"zero_stage": 1, "pipeline_stages": 2}),
-        ("tp2", TP2),
         ("pp2tp2", PP2_TP2),
     ],
 )
