@@ -29,7 +29,7 @@ from shipyard.errors import ResourceError, SpecError, TrainingError
 from shipyard.plan.plan import ParallelPlan, make_plan
 from shipyard.spec.cluster import ClusterSpec
 from shipyard.spec.job import JobSpec
-from shipyard.storage import is_remote, mirrored_file, ray_storage
+from shipyard.storage import from_ray_storage, mirrored_file, ray_storage
 from shipyard.train.checkpoint import STATE_SHAPING_FIELDS, latest_checkpoint
 from shipyard.train.worker import Fault, train_loop
 
@@ -94,13 +94,9 @@ def run_training(
     finally:
         ray.kill(metrics_queue.actor)
     if outcome.checkpoint:
-        result.checkpoint_path = uri_scheme(job) + outcome.checkpoint.path
+        checkpoint = outcome.checkpoint
+        result.checkpoint_path = from_ray_storage(checkpoint.path, checkpoint.filesystem)
     return result
-
-
-def uri_scheme(job: JobSpec) -> str:
-    """What Ray's checkpoint paths lack to name the job's storage: on S3 Ray drops s3://."""
-    return "s3://" if is_remote(job.storage) else ""
 
 
 def plan_for(job: JobSpec, cluster: ClusterSpec | None) -> ParallelPlan:
@@ -219,7 +215,7 @@ def build_trainer(
             storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=job.failure.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
-            callbacks=[ForwardMetrics(metrics_queue, uri_scheme(job))],
+            callbacks=[ForwardMetrics(metrics_queue)],
         ),
         # Every rank reads the whole corpus and takes its replica's slice of each global batch.
         datasets={"train": corpus.train, "validation": corpus.validation},
@@ -242,14 +238,13 @@ def placement(plan: ParallelPlan) -> list[dict[str, str]] | None:
 class ForwardMetrics(UserCallback):
     """Runs in the Train controller: forwards rank 0's metrics to the driver for live progress."""
 
-    def __init__(self, metrics_queue: Queue, scheme: str = ""):
+    def __init__(self, metrics_queue: Queue):
         self.metrics_queue = metrics_queue
-        self.scheme = scheme
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
         row = dict(metrics[0])
-        if checkpoint is not None:
-            row["checkpoint"] = self.scheme + checkpoint.path
+        if checkpoint is not None:  # named as Shipyard names it (Ray drops s3:// on S3)
+            row["checkpoint"] = from_ray_storage(checkpoint.path, checkpoint.filesystem)
         self.metrics_queue.put(row)
 
 
