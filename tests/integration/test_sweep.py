@@ -173,10 +173,11 @@ def test_pbt_continues_a_weak_trial_from_a_strong_ones_checkpoint(ray_session, t
     address = ray_session.get_runtime_context().gcs_address
     alive_before = {a.actor_id for a in list_actors(address=address) if a.state == "ALIVE"}
     dimensions = check_sweep(job, "<test>")
-    _, grid = run_sweep(
+    _, grid, unfinished = run_sweep(
         job, dimensions, callbacks=[TrialTable("val_loss", ["train.lr"], job.train.max_steps)]
     )
     assert grid.num_errors == 0, [str(result.error) for result in grid]
+    assert unfinished == []
 
     rows = read_history(sweep_folder(job))  # in the order the driver received them
     continued = [

@@ -120,7 +120,7 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
     from shipyard.storage import is_remote
     from shipyard.sweep.report import TrialTable, results_table, write_results
     from shipyard.sweep.search_space import check_sweep
-    from shipyard.sweep.tuner import check_resumable_sweep, run_sweep, unfinished_trials
+    from shipyard.sweep.tuner import check_resumable_sweep, run_sweep
 
     job = load_job(args.job)  # decide first: a bad spec or sweep fails before Ray starts
     if job.sweep is None:
@@ -144,10 +144,9 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
 
     table = TrialTable(job.sweep.metric, paths, job.train.max_steps)
     with ray_runtime(args.address, verbose=args.verbose):
-        setup, grid = run_sweep(
+        setup, grid, unfinished = run_sweep(
             job, dimensions, callbacks=[table], must_resume=args.resume, on_setup=announce
         )
-        unfinished = unfinished_trials(setup.location)
         if unfinished:
             console.print(
                 f"Interrupted with {len(unfinished)} trials unfinished; the sweep's state is "

@@ -62,8 +62,9 @@ def run_sweep(
     callbacks: list[tune.Callback],
     must_resume: bool = False,
     on_setup=None,
-) -> tuple[SweepSetup, tune.ResultGrid]:
-    """Run (or resume) the sweep of `job` on the connected Ray cluster until it ends."""
+) -> tuple[SweepSetup, tune.ResultGrid, list[str]]:
+    """Run (or resume) the sweep of `job` on the connected Ray cluster until it ends or is
+    interrupted; also returns the trials left unfinished (none unless interrupted)."""
     location = sweep_location(job)
     resuming = check_resumable_sweep(job, must_resume)
     setup = SweepSetup(
@@ -80,9 +81,10 @@ def run_sweep(
         ),
         {"CPU": TRIAL_CPUS},
     )
-    path, filesystem = ray_storage(location)
+    storage = ray_storage(location)
     with mirrored_file(location, HISTORY_FILE):  # its rows are on S3 even after a Ctrl-C
         if resuming:
+            path, filesystem = storage
             tuner = tune.Tuner.restore(
                 path, trainable, resume_unfinished=True, storage_filesystem=filesystem
             )
@@ -91,11 +93,12 @@ def run_sweep(
                 SWEEP_JOB_FILE, json.dumps(job.model_dump(mode="json"), indent=2)
             )
             history = TrialHistory(location, [dimension.path for dimension in dimensions])
-            tuner = build_tuner(job, dimensions, trainable, setup, [*callbacks, history])
+            tuner = build_tuner(job, dimensions, trainable, setup, storage, [*callbacks, history])
         grid = tuner.fit()
-    if not unfinished_trials(location):  # trials stopped by a Ctrl-C left their scratch runs
+    unfinished = unfinished_trials(storage)
+    if not unfinished:  # trials stopped by a Ctrl-C left their scratch runs
         remove_folder(f"{location}/{TRIAL_RUNS}")
-    return setup, grid
+    return setup, grid, unfinished
 
 
 def check_resumable_sweep(job: JobSpec, must_resume: bool = False) -> bool:
@@ -113,9 +116,10 @@ def check_resumable_sweep(job: JobSpec, must_resume: bool = False) -> bool:
     return False
 
 
-def unfinished_trials(location: str) -> list[str]:
-    """Trials the saved sweep state has not finished (an interrupted sweep has some)."""
-    path, filesystem = ray_storage(location)
+def unfinished_trials(storage: tuple[str, Any]) -> list[str]:
+    """Trials the saved sweep state (at `ray_storage`'s path and file system) has not
+    finished (an interrupted sweep has some)."""
+    path, filesystem = storage
     analysis = tune.ExperimentAnalysis(path, storage_filesystem=filesystem)
     return [trial.trial_id for trial in analysis.trials if trial.status not in _FINISHED]
 
@@ -123,10 +127,11 @@ def unfinished_trials(location: str) -> list[str]:
 _FINISHED = ("TERMINATED", "ERROR")
 
 
-def build_tuner(job, dimensions, trainable, setup: SweepSetup, callbacks) -> tune.Tuner:
-    """The Tuner for a new sweep: search space, search algorithm, scheduler, storage."""
+def build_tuner(job, dimensions, trainable, setup: SweepSetup, storage, callbacks) -> tune.Tuner:
+    """The Tuner for a new sweep: search space, search algorithm, scheduler, and its storage
+    (`ray_storage` of the sweep's location)."""
     sweep = job.sweep
-    path, filesystem = ray_storage(setup.location)
+    path, filesystem = storage
     return tune.Tuner(
         trainable,
         param_space={dimension.path: dimension.to_tune() for dimension in dimensions},
