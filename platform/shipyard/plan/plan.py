@@ -17,7 +17,7 @@ from shipyard.errors import PlacementError, ResourceError
 from shipyard.plan.devices import DeviceGroup, device_groups, fastest_first, speed
 from shipyard.plan.memory import GIB, model_size
 from shipyard.plan.partition import split_evenly
-from shipyard.plan.search import Layout, Scored, Workload, score
+from shipyard.plan.search import Layout, Scored, Workload, score, slot_problem
 from shipyard.spec.cluster import ClusterSpec, labels_match
 from shipyard.spec.job import JobSpec
 
@@ -313,7 +313,7 @@ def _auto_layouts(groups, work: Workload, every_device: bool) -> list[Layout]:
         for stages, tp in itertools.product(_divisors(devices), work.tensor_parallel_options):
             if stages > work.size.layers or devices % (stages * tp):
                 continue
-            if any(group.per_node % tp or group.count % tp for group in chosen):
+            if slot_problem(chosen, tp):  # a layout that could never place its groups
                 continue
             replicas = devices // (stages * tp)
             for zero in _zero_choices(stages, tp):

@@ -60,14 +60,20 @@ class Layout:
 
     def tensor_parallel_problem(self) -> str | None:
         """Why the groups cannot be cut into slots of one node each (None if they can)."""
-        t = self.tensor_parallel
-        for group in self.groups:
-            if group.per_node % t or group.count % t:
-                return (
-                    f"tensor parallel {t} needs {t} devices of one node per slot; "
-                    f"{group.node_type} has {group.per_node} per node ({group.count} used)"
-                )
-        return None
+        return slot_problem(self.groups, self.tensor_parallel)
+
+
+def slot_problem(groups: tuple[DeviceGroup, ...], tensor_parallel: int) -> str | None:
+    """Why `groups` cannot be cut into slots of `tensor_parallel` devices of one node each
+    (None if they can)."""
+    t = tensor_parallel
+    for group in groups:
+        if group.per_node % t or group.count % t:
+            return (
+                f"tensor parallel {t} needs {t} devices of one node per slot; "
+                f"{group.node_type} has {group.per_node} per node ({group.count} used)"
+            )
+    return None
 
 
 @dataclass(frozen=True)
@@ -136,7 +142,7 @@ def score(layout: Layout, work: Workload) -> Scored | str:
     stages, dp = layout.pipeline_stages, layout.data_parallel_size
     if work.global_batch_size % layout.gradient_accumulation:
         return f"global batch {work.global_batch_size} is not a multiple of the accumulation"
-    if layout.tensor_parallel > 1 and (problem := layout.tensor_parallel_problem()):
+    if problem := layout.tensor_parallel_problem():
         return problem
     samples = work.global_batch_size // layout.gradient_accumulation  # per micro-step
     grid = [layout.slots[stage * dp : (stage + 1) * dp] for stage in range(stages)]
