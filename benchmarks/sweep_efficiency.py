@@ -6,7 +6,12 @@ time order and count the steps trained by all trials until some trial first repo
 validation loss within 2% of the best either sweep found. Prints both counts, their ratio
 (goal: ASHA needs at least 3x fewer) and each sweep's wall time.
 
-    .venv/bin/python benchmarks/sweep_efficiency.py [--trials 9] [--max-steps 81]
+The space is a GPT's learning rate and width together, as a real sweep would search them (the
+best lr shifts with the width). Also printed: how many trials ASHA let past each rung. Tune's
+ASHA cuts at a percentile of the results a rung holds so far, so early in a sweep most trials
+pass; that, more than the cuts, is where its steps go.
+
+    .venv/bin/python benchmarks/sweep_efficiency.py [--trials 27] [--max-steps 81] [--seed 0]
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ from shipyard.sweep.search_space import check_sweep
 from shipyard.sweep.tuner import run_sweep, sweep_folder
 
 WITHIN = 1.02
+GRACE, REDUCTION = 9, 3  # ASHA's rungs: steps 9, 27, 81, ...
+SPACE = {"train.lr": {"loguniform": [1.0e-5, 1.0e-2]}, "model.width": {"choice": [32, 64, 128]}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=9)
+    parser.add_argument("--trials", type=int, default=27)
     parser.add_argument("--max-steps", type=int, default=81)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -46,8 +53,8 @@ def main() -> None:
     best = min(row["val_loss"] for rows in histories.values() for row in rows)
     target = best * WITHIN
     print(
-        f"{args.trials} trials of up to {args.max_steps} steps, lr ~ loguniform(1e-5, 1e-2), "
-        f"seed {args.seed}; best val_loss {best:.4f}, target <= {target:.4f}"
+        f"{args.trials} trials of up to {args.max_steps} steps over {SPACE}, seed {args.seed}; "
+        f"best val_loss {best:.4f}, target <= {target:.4f}"
     )
     found = {}
     for scheduler, name in (("fifo", "random search"), ("asha", "ASHA")):
@@ -59,25 +66,26 @@ def main() -> None:
             f"{name:14s}: {found[scheduler]} steps to find it, {total} steps in all, "
             f"best {own_best:.4f}, wall {wall[scheduler]:.0f} s"
         )
+    # Tune's ASHA cuts at a percentile of the results a rung holds so far: its first arrivals
+    # go on whatever they scored, so more than 1/reduction_factor pass early in a sweep.
+    survival = rung_survival(histories["asha"], GRACE, REDUCTION, args.max_steps)
+    print(f"ASHA trials that went on past each rung (it aims at 1 in {REDUCTION}): {survival}")
     if found["asha"] and found["fifo"]:
         print(f"ratio random/ASHA steps to find: {found['fifo'] / found['asha']:.2f}  (goal >= 3)")
     print(f"wall time ratio random/ASHA: {wall['fifo'] / wall['asha']:.2f}")
 
 
 def benchmark_job(scheduler: str, storage: str, args) -> JobSpec:
-    """A small GPT whose trials differ only in lr; evaluated and checkpointed every 3 steps.
-
-    ASHA's first rung is at step 9: before that, after a 3-step warmup, every lr still looks
-    alike and the ranking is noise.
-    """
+    """A small GPT swept over SPACE; evaluated and checkpointed every 3 steps (ASHA's rungs
+    fall on checkpoints)."""
     sweep = {
-        "space": {"train.lr": {"loguniform": [1.0e-5, 1.0e-2]}},
+        "space": SPACE,
         "num_samples": args.trials,
         "seed": args.seed,
         "scheduler": scheduler,
     }
     if scheduler == "asha":
-        sweep["asha"] = {"grace_period": 9, "reduction_factor": 3}
+        sweep["asha"] = {"grace_period": GRACE, "reduction_factor": REDUCTION}
     document = {
         "name": f"bench-{scheduler}",
         "model": {"layers": 2, "heads": 2, "width": 64, "sequence_length": 64},
@@ -109,6 +117,16 @@ def steps_to_find(rows, target: float) -> int | None:
         if row["val_loss"] <= target:
             return sum(trained.values())
     return None
+
+
+def rung_survival(rows, grace: int, reduction: int, max_steps: int) -> str:
+    """At each ASHA rung, how many of the trials that reached it trained on past it."""
+    trained = [max(row["step"] for row in own) for own in by_trial(rows).values()]
+    rungs = [grace * reduction**k for k in range(max_steps) if grace * reduction**k < max_steps]
+    return ", ".join(
+        f"step {rung}: {sum(t > rung for t in trained)} of {sum(t >= rung for t in trained)}"
+        for rung in rungs
+    )
 
 
 if __name__ == "__main__":
