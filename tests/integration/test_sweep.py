@@ -65,18 +65,18 @@ def test_interrupted_asha_sweep_on_s3_resumes_elsewhere_and_reports_its_best(
     """`shipyard sweep` as a user runs it, with `storage: s3://…`: Ctrl-C once two trials are
     done, then run it again as another machine would (an empty SHIPYARD_CACHE).
 
-    Three trials, lr 3e-3, 1e-5 and 3e-5, one at a time, so ASHA's cut at step 8 is certain to
-    stop the second. The re-run must not start the finished trials again; the report on S3 must
-    rank all three with the history of both runs; and the best checkpoint, on S3, must evaluate
-    to the metric it reports. (Tune does not save a scheduler's state: after the resume ASHA's
-    rungs start empty.) Each run starts its own embedded Ray, as `shipyard sweep` does, so its
+    Four trials, lr 3e-3, 1e-5, 1e-4 and 3e-5, one at a time, so ASHA's cut at step 8 is certain
+    to stop the second (and, Tune saving no scheduler state, after the resume the fourth, behind
+    the third in rungs that start empty again). The re-run must not start the finished trials
+    again; the report on S3 must rank all four with the history of both runs; and the best
+    checkpoint, on S3, must evaluate to the metric it reports. Each run starts its own embedded Ray, as `shipyard sweep` does, so its
     trials see this S3 server's settings (the session's Ray is for the evaluation).
     """
     job = sweep_job(
         "cli-asha",
         f"{s3}/runs",
         {
-            "space": {"train.lr": {"grid": [3e-3, 1e-5, 3e-5]}},
+            "space": {"train.lr": {"grid": [3e-3, 1e-5, 1e-4, 3e-5]}},
             "num_samples": 1,
             "max_concurrent_trials": 1,
             "scheduler": "asha",
@@ -121,9 +121,9 @@ def test_interrupted_asha_sweep_on_s3_resumes_elsewhere_and_reports_its_best(
 
     sweep = open_store(f"{s3}/runs/cli-asha-sweep")
     rows = list(csv.DictReader(io.StringIO(sweep.get_text("results.csv"))))
-    assert len(rows) == 3
+    assert len(rows) == 4
     assert any(row["status"] == "stopped early" for row in rows)
-    assert [row["rank"] for row in rows] == ["1", "2", "3"]
+    assert [row["rank"] for row in rows] == ["1", "2", "3", "4"]
     best_row = rows[0]
     assert float(best_row["best_val_loss"]) == min(float(row["best_val_loss"]) for row in rows)
     # The history came across from the first machine: every trial reported at step 8.
