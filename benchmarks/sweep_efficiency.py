@@ -59,15 +59,12 @@ def main() -> None:
     found = {}
     for scheduler, name in (("fifo", "random search"), ("asha", "ASHA")):
         found[scheduler] = steps_to_find(histories[scheduler], target)
-        trials = by_trial(histories[scheduler]).values()
-        total = sum(max(row["step"] for row in rows) for rows in trials)
+        total = sum(steps_trained(histories[scheduler]))
         own_best = min(row["val_loss"] for row in histories[scheduler])
         print(
             f"{name:14s}: {found[scheduler]} steps to find it, {total} steps in all, "
             f"best {own_best:.4f}, wall {wall[scheduler]:.0f} s"
         )
-    # Tune's ASHA cuts at a percentile of the results a rung holds so far: its first arrivals
-    # go on whatever they scored, so more than 1/reduction_factor pass early in a sweep.
     survival = rung_survival(histories["asha"], GRACE, REDUCTION, args.max_steps)
     print(f"ASHA trials that went on past each rung (it aims at 1 in {REDUCTION}): {survival}")
     if found["asha"] and found["fifo"]:
@@ -119,9 +116,14 @@ def steps_to_find(rows, target: float) -> int | None:
     return None
 
 
+def steps_trained(rows) -> list[int]:
+    """How far each trial trained."""
+    return [max(row["step"] for row in own) for own in by_trial(rows).values()]
+
+
 def rung_survival(rows, grace: int, reduction: int, max_steps: int) -> str:
     """At each ASHA rung, how many of the trials that reached it trained on past it."""
-    trained = [max(row["step"] for row in own) for own in by_trial(rows).values()]
+    trained = steps_trained(rows)
     rungs = [grace * reduction**k for k in range(max_steps) if grace * reduction**k < max_steps]
     return ", ".join(
         f"step {rung}: {sum(t > rung for t in trained)} of {sum(t >= rung for t in trained)}"
