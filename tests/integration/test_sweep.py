@@ -66,11 +66,12 @@ def test_interrupted_asha_sweep_on_s3_resumes_elsewhere_and_reports_its_best(
     done, then run it again as another machine would (an empty SHIPYARD_CACHE).
 
     Four trials, lr 3e-3, 1e-5, 1e-4 and 3e-5, one at a time, so ASHA's cut at step 8 is certain
-    to stop the second (and, Tune saving no scheduler state, after the resume the fourth, behind
-    the third in rungs that start empty again). The re-run must not start the finished trials
-    again; the report on S3 must rank all four with the history of both runs; and the best
-    checkpoint, on S3, must evaluate to the metric it reports. Each run starts its own embedded Ray, as `shipyard sweep` does, so its
-    trials see this S3 server's settings (the session's Ray is for the evaluation).
+    to stop the second. (Tune saves no scheduler state: after the resume ASHA's rungs start
+    empty, so the third passes whatever it scores.) The re-run must not start the finished
+    trials again; the report on S3 must rank all four with the history of both runs; and the
+    best checkpoint, on S3, must evaluate to the metric it reports. Each run starts its own
+    embedded Ray, as `shipyard sweep` does, so its trials see this S3 server's settings (the
+    session's Ray is for the evaluation).
     """
     job = sweep_job(
         "cli-asha",
