@@ -29,6 +29,7 @@ from shipyard.storage import (
     remove_folder,
 )
 from shipyard.sweep.history import HISTORY_FILE, TrialHistory
+from shipyard.sweep.promotion import Gate, PromotingAsha, Rungs
 from shipyard.sweep.search_space import Dimension, apply_overrides, shapes_corpus
 from shipyard.sweep.trial import TRIAL_CPUS, corpus_key, run_trial
 
@@ -139,8 +140,7 @@ def build_tuner(job, dimensions, trainable, setup: SweepSetup, storage, callback
             metric=sweep.metric,
             mode=sweep.mode,
             num_samples=sweep.num_samples,
-            search_alg=search_algorithm(job, setup.concurrent_trials),
-            scheduler=scheduler(job, dimensions),
+            **search_and_scheduler(job, dimensions, setup.concurrent_trials),
             reuse_actors=False,
         ),
         run_config=tune.RunConfig(
@@ -161,21 +161,41 @@ def build_tuner(job, dimensions, trainable, setup: SweepSetup, storage, callback
     )
 
 
-def search_algorithm(job: JobSpec, concurrent_trials: int):
-    """Random sampling (grid entries expanded), or Optuna's TPE; seeded, concurrency-capped."""
+def search_and_scheduler(
+    job: JobSpec, dimensions: tuple[Dimension, ...], concurrent_trials: int
+) -> dict[str, Any]:
+    """TuneConfig's search_alg and scheduler. With ASHA's promotion: pause the scheduler
+    caps the running trials (paused ones hold no slot) through a gate on the search."""
+    asha = job.sweep.asha_settings
+    if job.sweep.scheduler != "asha" or asha.promotion != "pause":
+        return {
+            "search_alg": search_algorithm(job, concurrent_trials),
+            "scheduler": scheduler(job, dimensions),
+        }
+    rungs = Rungs.between(asha.grace_period, int(asha.reduction_factor), job.train.max_steps)
+    promoting = PromotingAsha(rungs, job.train.max_steps, concurrent_trials)
+    return {"search_alg": Gate(search_algorithm(job, None), promoting), "scheduler": promoting}
+
+
+def search_algorithm(job: JobSpec, concurrent_trials: int | None):
+    """Random sampling (grid entries expanded), or Optuna's TPE; seeded, concurrency-capped
+    unless `concurrent_trials` is None."""
     sweep = job.sweep
     if sweep.search == "optuna":
-        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search import ConcurrencyLimiter, SearchGenerator
         from ray.tune.search.optuna import OptunaSearch
 
-        return ConcurrencyLimiter(OptunaSearch(seed=sweep.seed), concurrent_trials)
+        optuna = OptunaSearch(seed=sweep.seed)
+        if concurrent_trials is None:
+            return SearchGenerator(optuna)
+        return ConcurrencyLimiter(optuna, concurrent_trials)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=concurrent_trials)
+    return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=concurrent_trials or 0)
 
 
 def scheduler(job: JobSpec, dimensions: tuple[Dimension, ...]):
-    """FIFO, ASHA or PBT, all counting time in optimizer steps."""
+    """FIFO, ASHA (Tune's percentile rule) or PBT, all counting time in optimizer steps."""
     sweep = job.sweep
     if sweep.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
