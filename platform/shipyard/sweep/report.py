@@ -68,7 +68,12 @@ class TrialTable(tune.Callback):
         return {**self.__dict__, "_console": None, "_live": None}
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self._say(f"trial {trial.trial_id} started: {_format_values(trial.config, self.paths)}")
+        step = (trial.last_result or {}).get("step")
+        if step:  # after a pause, a PBT exploit or an interrupted sweep
+            self._say(f"trial {trial.trial_id} resumed at step {step}")
+        else:
+            values = _format_values(trial.config, self.paths)
+            self._say(f"trial {trial.trial_id} started: {values}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         origin = result.get("started_from_trial")
