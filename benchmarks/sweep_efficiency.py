@@ -1,17 +1,21 @@
 """Training steps ASHA and random search spend to find a config within 2% of the best loss.
 
-Both sweeps draw the same configs (one search space, one seed). Random search trains every
+All sweeps draw the same configs (one search space, one seed). Random search trains every
 trial to the end; ASHA stops the weak ones at its rungs. For each, walk the trials' reports in
 time order and count the steps trained by all trials until some trial first reports a
-validation loss within 2% of the best either sweep found. Prints both counts, their ratio
-(goal: ASHA needs at least 3x fewer) and each sweep's wall time.
+validation loss within 2% of the best any sweep found. Prints the counts, their ratios (goal:
+ASHA needs at least 3x fewer) and each sweep's wall time.
+
+ASHA runs with each promotion rule asked for: `percentile`, Tune's ASHAScheduler, which cuts
+at a percentile of the results a rung holds so far, so a rung's early arrivals go on; and
+`pause`, Li et al.'s, where trials pause at each rung and only the top 1/3 of all its results
+resume. Also printed: how many trials each let past each rung.
 
 The space is a GPT's learning rate and width together, as a real sweep would search them (the
-best lr shifts with the width). Also printed: how many trials ASHA let past each rung. Tune's
-ASHA cuts at a percentile of the results a rung holds so far, so early in a sweep most trials
-pass; that, more than the cuts, is where its steps go.
+best lr shifts with the width).
 
     .venv/bin/python benchmarks/sweep_efficiency.py [--trials 27] [--max-steps 81] [--seed 0]
+        [--promotion percentile pause]
 """
 
 from __future__ import annotations
@@ -38,17 +42,21 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=27)
     parser.add_argument("--max-steps", type=int, default=81)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--promotion", nargs="+", choices=["percentile", "pause"], default=["percentile", "pause"]
+    )
     args = parser.parse_args()
 
     start_local_ray(logging_level=logging.WARNING, log_to_driver=False)
     storage = tempfile.mkdtemp(prefix="shipyard-sweep-bench-")
+    sweeps = ["random", *(f"asha-{promotion}" for promotion in args.promotion)]
     histories, wall = {}, {}
-    for scheduler in ("fifo", "asha"):
-        job = benchmark_job(scheduler, storage, args)
+    for name in sweeps:
+        job = benchmark_job(name, storage, args)
         started = time.perf_counter()
         run_sweep(job, check_sweep(job, "benchmark"), callbacks=[])
-        wall[scheduler] = time.perf_counter() - started
-        histories[scheduler] = read_history(sweep_folder(job))
+        wall[name] = time.perf_counter() - started
+        histories[name] = read_history(sweep_folder(job))
 
     best = min(row["val_loss"] for rows in histories.values() for row in rows)
     target = best * WITHIN
@@ -57,34 +65,41 @@ def main() -> None:
         f"best val_loss {best:.4f}, target <= {target:.4f}"
     )
     found = {}
-    for scheduler, name in (("fifo", "random search"), ("asha", "ASHA")):
-        found[scheduler] = steps_to_find(histories[scheduler], target)
-        total = sum(steps_trained(histories[scheduler]))
-        own_best = min(row["val_loss"] for row in histories[scheduler])
+    for name in sweeps:
+        found[name] = steps_to_find(histories[name], target)
+        total = sum(steps_trained(histories[name]))
+        own_best = min(row["val_loss"] for row in histories[name])
         print(
-            f"{name:14s}: {found[scheduler]} steps to find it, {total} steps in all, "
-            f"best {own_best:.4f}, wall {wall[scheduler]:.0f} s"
+            f"{name:15s}: {found[name]} steps to find it, {total} steps in all, "
+            f"best {own_best:.4f}, wall {wall[name]:.0f} s"
         )
-    survival = rung_survival(histories["asha"], GRACE, REDUCTION, args.max_steps)
-    print(f"ASHA trials that went on past each rung (it aims at 1 in {REDUCTION}): {survival}")
-    if found["asha"] and found["fifo"]:
-        print(f"ratio random/ASHA steps to find: {found['fifo'] / found['asha']:.2f}  (goal >= 3)")
-    print(f"wall time ratio random/ASHA: {wall['fifo'] / wall['asha']:.2f}")
+    for name in sweeps[1:]:
+        survival = rung_survival(histories[name], GRACE, REDUCTION, args.max_steps)
+        print(f"{name}: trials that went on past each rung (aim: 1 in {REDUCTION}): {survival}")
+        if found[name] and found["random"]:
+            ratio = found["random"] / found[name]
+            print(f"{name}: ratio random/ASHA steps to find: {ratio:.2f}  (goal >= 3)")
+        print(f"{name}: wall time ratio random/ASHA: {wall['random'] / wall[name]:.2f}")
 
 
-def benchmark_job(scheduler: str, storage: str, args) -> JobSpec:
-    """A small GPT swept over SPACE; evaluated and checkpointed every 3 steps (ASHA's rungs
-    fall on checkpoints)."""
+def benchmark_job(name: str, storage: str, args) -> JobSpec:
+    """A small GPT swept over SPACE by `name` (random, asha-percentile or asha-pause);
+    evaluated and checkpointed every 3 steps (ASHA's rungs fall on checkpoints)."""
+    scheduler, _, promotion = name.partition("-")
     sweep = {
         "space": SPACE,
         "num_samples": args.trials,
         "seed": args.seed,
-        "scheduler": scheduler,
+        "scheduler": "fifo" if scheduler == "random" else scheduler,
     }
-    if scheduler == "asha":
-        sweep["asha"] = {"grace_period": GRACE, "reduction_factor": REDUCTION}
+    if promotion:
+        sweep["asha"] = {
+            "grace_period": GRACE,
+            "reduction_factor": REDUCTION,
+            "promotion": promotion,
+        }
     document = {
-        "name": f"bench-{scheduler}",
+        "name": f"bench-{name}",
         "model": {"layers": 2, "heads": 2, "width": 64, "sequence_length": 64},
         "data": {"max_bytes": 1_000_000},
         "train": {
