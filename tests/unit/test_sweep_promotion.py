@@ -11,14 +11,20 @@ from shipyard.sweep.promotion import PromotingAsha, Rungs
 
 
 def test_rungs_sit_at_the_grace_period_times_powers_of_the_reduction_factor():
-    assert Rungs.between(9, 3, 81).milestones == [9, 27]
-    assert Rungs.between(9, 3, 82).milestones == [9, 27, 81]
-    assert Rungs.between(8, 2, 24).milestones == [8, 16]
-    assert Rungs.between(10, 3, 10).milestones == []
+    assert Rungs.between(9, 3, 81, checkpoint_every=3).milestones == [9, 27]
+    assert Rungs.between(9, 3, 82, checkpoint_every=3).milestones == [9, 27, 81]
+    assert Rungs.between(8, 2, 24, checkpoint_every=8).milestones == [8, 16]
+    assert Rungs.between(10, 3, 10, checkpoint_every=1).milestones == []
+
+
+def test_rungs_move_up_to_the_next_checkpoint():
+    # 10, 30, 90, 270 steps; a paused trial can only resume from a checkpoint (every 50).
+    assert Rungs.between(10, 3, 400, checkpoint_every=50).milestones == [50, 100, 300]
+    assert Rungs.between(10, 2.5, 100, checkpoint_every=5).milestones == [10, 25, 65]
 
 
 def test_a_result_counts_once_at_every_rung_it_is_the_first_past():
-    rungs = Rungs.between(8, 2, 64)  # 8, 16, 32
+    rungs = Rungs.between(8, 2, 64, checkpoint_every=4)  # 8, 16, 32
     assert rungs.record("a", 4, 1.0) is None
     assert rungs.record("a", 16, 0.5) == 1  # a coarse report passes two rungs at once
     assert rungs.record("a", 20, 0.1) is None
@@ -27,7 +33,7 @@ def test_a_result_counts_once_at_every_rung_it_is_the_first_past():
 
 
 def test_candidates_are_the_top_third_of_all_a_rung_holds_not_yet_promoted():
-    rungs = Rungs.between(9, 3, 81)  # 9, 27
+    rungs = Rungs.between(9, 3, 81, checkpoint_every=9)  # 9, 27
     for trial_id, score in [("a", 3.0), ("b", 1.0), ("c", 2.0), ("d", 4.0), ("e", 0.5)]:
         rungs.record(trial_id, 9, score)
     paused = dict.fromkeys("abcde", 0)
@@ -41,7 +47,7 @@ def test_candidates_are_the_top_third_of_all_a_rung_holds_not_yet_promoted():
 
 
 def test_a_higher_rung_promotes_first():
-    rungs = Rungs.between(1, 3, 81)  # 1, 3, 9, 27
+    rungs = Rungs.between(1, 3, 81, checkpoint_every=1)  # 1, 3, 9, 27
     for trial_id, score in [("a", 1.0), ("b", 2.0), ("c", 3.0)]:
         rungs.record(trial_id, 1, score)
         rungs.record(trial_id, 3, score)
@@ -52,7 +58,9 @@ def test_a_higher_rung_promotes_first():
 
 
 def scheduler(concurrent_trials: int = 1, mode: str = "min") -> PromotingAsha:
-    asha = PromotingAsha(Rungs.between(8, 2, 24), max_steps=24, concurrent_trials=concurrent_trials)
+    asha = PromotingAsha(
+        Rungs.between(8, 2, 24, 8), max_steps=24, concurrent_trials=concurrent_trials
+    )
     asha.set_search_properties("val_loss", mode)
     return asha
 

@@ -6,7 +6,6 @@ name each field by its full dotted path, so the loader can report them as they a
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -248,26 +247,17 @@ class AshaSpec(Strict):
     """Asynchronous successive halving: at each rung keep the best 1/reduction_factor of trials.
 
     Rungs are at grace_period × reduction_factor^k steps. `promotion` says how a trial gets
-    past one: `percentile` is Tune's ASHAScheduler (it goes on at once if it beats that
-    percentile of the results the rung holds so far; a rung's first arrivals always do);
-    `pause` is ASHA as Li et al. wrote it (it pauses there, and a free slot resumes the best
-    paused trial in the top 1/reduction_factor of all the rung's results before a new trial
-    starts; fewer steps spent on weak trials, one trial restart per promotion).
+    past one: `pause` is ASHA as Li et al. wrote it (it pauses there, and a free slot resumes
+    the best paused trial in the top 1/reduction_factor of all the rung's results before a
+    new trial starts; a paused trial resumes from a checkpoint, so its rungs are the first
+    checkpoint steps at or after those steps); `percentile` is Tune's ASHAScheduler (it goes
+    on at once if it beats that percentile of the results the rung holds so far, so a rung's
+    first arrivals always do; no restarts, more steps spent on weak trials).
     """
 
     grace_period: int = Field(10, ge=1, description="steps every trial trains before a cut")
     reduction_factor: float = Field(3.0, gt=1)
-    promotion: Literal["percentile", "pause"] = "percentile"
-
-    @model_validator(mode="after")
-    def _whole_rungs_when_pausing(self) -> AshaSpec:
-        if self.promotion == "pause" and not self.reduction_factor.is_integer():
-            raise ValueError(
-                f"sweep.asha.reduction_factor: {self.reduction_factor:g} must be a whole number "
-                "with promotion: pause, whose rungs are checkpoint steps. To fix: use "
-                f"{math.floor(self.reduction_factor):g} or {math.ceil(self.reduction_factor):g}."
-            )
-        return self
+    promotion: Literal["pause", "percentile"] = "pause"
 
 
 class PbtSpec(Strict):
@@ -414,18 +404,6 @@ def _check_sweep_cadence(sweep: SweepSpec, train: TrainSpec) -> None:
             f"sweep.asha.grace_period: {sweep.asha_settings.grace_period} is longer than "
             f"train.max_steps {train.max_steps}, so no trial could be stopped early. To fix: "
             f"use a grace period below {train.max_steps} steps."
-        )
-    asha = sweep.asha_settings
-    if (
-        sweep.scheduler == "asha"
-        and asha.promotion == "pause"
-        and (asha.grace_period % train.checkpoint_every)
-    ):
-        raise ValueError(
-            f"sweep.asha.grace_period: {asha.grace_period} is not a multiple of "
-            f"train.checkpoint_every {train.checkpoint_every}; with promotion: pause a trial "
-            "resumes from the checkpoint at the rung it paused at. To fix: make the grace "
-            "period a multiple of checkpoint_every."
         )
 
 

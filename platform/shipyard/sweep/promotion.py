@@ -34,7 +34,7 @@ class Rungs:
     """The results each rung holds and whom it promoted; scores are lower-is-better."""
 
     milestones: list[int]  # steps; the last rung's promotions train to the end
-    reduction_factor: int
+    reduction_factor: float
     scores: list[dict[str, float]] = field(default_factory=list)
     promoted: list[list[str]] = field(default_factory=list)
 
@@ -43,13 +43,18 @@ class Rungs:
         self.promoted = self.promoted or [[] for _ in self.milestones]
 
     @classmethod
-    def between(cls, grace_period: int, reduction_factor: int, max_steps: int) -> Rungs:
-        """Rungs at grace_period × reduction_factor^k steps, below max_steps."""
-        milestones = []
-        step = grace_period
-        while step < max_steps:
-            milestones.append(step)
-            step *= reduction_factor
+    def between(
+        cls, grace_period: int, reduction_factor: float, max_steps: int, checkpoint_every: int
+    ) -> Rungs:
+        """Rungs below max_steps at the first checkpoint at or after each of grace_period ×
+        reduction_factor^k steps: a paused trial resumes from the checkpoint of its rung."""
+        milestones: list[int] = []
+        steps: float = grace_period
+        while steps < max_steps:
+            rung = math.ceil(steps / checkpoint_every - 1e-9) * checkpoint_every
+            if rung < max_steps and rung not in milestones:
+                milestones.append(rung)
+            steps *= reduction_factor
         return cls(milestones, reduction_factor)
 
     def record(self, trial_id: str, step: int, score: float) -> int | None:
@@ -71,7 +76,7 @@ class Rungs:
         found = []
         for rung in reversed(range(len(self.milestones))):
             ranked = sorted(self.scores[rung], key=self.scores[rung].get)
-            top = ranked[: len(ranked) // self.reduction_factor]
+            top = ranked[: int(len(ranked) / self.reduction_factor + 1e-9)]
             found += [
                 trial_id
                 for trial_id in top
@@ -118,6 +123,7 @@ class PromotingAsha(TrialScheduler):
     def on_trial_add(self, tune_controller, trial: Trial) -> None:
         trial_id = trial.trial_id
         if trial.status in (Trial.TERMINATED, Trial.ERROR):  # a resumed sweep's finished ones
+            self._forget(trial_id)
             return
         if trial_id in self.paused:  # a resumed sweep: it keeps waiting at its rung
             self._hold(trial)

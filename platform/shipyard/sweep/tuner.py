@@ -172,8 +172,11 @@ def search_and_scheduler(
             "search_alg": search_algorithm(job, concurrent_trials),
             "scheduler": scheduler(job, dimensions),
         }
-    rungs = Rungs.between(asha.grace_period, int(asha.reduction_factor), job.train.max_steps)
-    promoting = PromotingAsha(rungs, job.train.max_steps, concurrent_trials)
+    train = job.train
+    rungs = Rungs.between(
+        asha.grace_period, asha.reduction_factor, train.max_steps, train.checkpoint_every
+    )
+    promoting = PromotingAsha(rungs, train.max_steps, concurrent_trials)
     return {"search_alg": Gate(search_algorithm(job, None), promoting), "scheduler": promoting}
 
 
