@@ -19,7 +19,7 @@ from shipyard.serve.export import export_checkpoint, load_exported_model
 from shipyard.spec.job import JobSpec
 from shipyard.spec.load import validate
 from shipyard.storage import open_store
-from shipyard.sweep.history import read_history
+from shipyard.sweep.history import by_trial, read_history
 from shipyard.sweep.report import TrialTable
 from shipyard.sweep.search_space import check_sweep
 from shipyard.sweep.tuner import run_sweep, sweep_folder
@@ -62,31 +62,40 @@ def sweep_job(name: str, storage, sweep: dict, **train) -> JobSpec:
 def test_interrupted_asha_sweep_on_s3_resumes_elsewhere_and_reports_its_best(
     ray_session, s3, tmp_path
 ):
-    """`shipyard sweep` as a user runs it, with `storage: s3://…`: Ctrl-C once two trials are
-    done, then run it again as another machine would (an empty SHIPYARD_CACHE).
+    """`shipyard sweep` as a user runs it, with `storage: s3://…` and ASHA's `promotion: pause`:
+    Ctrl-C once the third trial has paused at its first rung, then run it again as another
+    machine would (an empty SHIPYARD_CACHE).
 
-    Four trials, lr 3e-3, 1e-5, 1e-4 and 3e-5, one at a time, so ASHA's cut at step 8 is certain
-    to stop the second. (Tune saves no scheduler state: after the resume ASHA's rungs start
-    empty, so the third passes whatever it scores.) The re-run must not start the finished
-    trials again; the report on S3 must rank all four with the history of both runs; and the
-    best checkpoint, on S3, must evaluate to the metric it reports. Each run starts its own
-    embedded Ray, as `shipyard sweep` does, so its trials see this S3 server's settings (the
-    session's Ray is for the evaluation).
+    Four trials, lr 1e-5, 3e-3, 3e-5, 1e-4, one at a time; rungs at steps 8 and 16 keep the top
+    half. The first arrival (1e-5) pauses at step 8 and, unlike under Tune's percentile rule,
+    never goes on: every later trial beats it. 3e-3 goes straight past step 8 and waits at 16;
+    after the resume, 1e-4 passes step 8 but ranks below it at 16, so 3e-3 resumes from its
+    own step-16 checkpoint and is the one trial trained to the end. That needs the rungs'
+    results from before the interrupt: without them the resumed sweep would train the paused
+    trials on. The report on S3 must rank all four with the history of both runs, and the best
+    checkpoint, on S3, must evaluate to the metric it reports. Each run starts its own embedded
+    Ray, as `shipyard sweep` does, so its trials see this S3 server's settings (the session's
+    Ray is for the evaluation).
     """
     job = sweep_job(
         "cli-asha",
         f"{s3}/runs",
         {
-            "space": {"train.lr": {"grid": [3e-3, 1e-5, 1e-4, 3e-5]}},
+            "space": {"train.lr": {"grid": [1e-5, 3e-3, 3e-5, 1e-4]}},
             "num_samples": 1,
             "max_concurrent_trials": 1,
             "scheduler": "asha",
-            "asha": {"grace_period": 8, "reduction_factor": 3},
+            "asha": {"grace_period": 8, "reduction_factor": 2, "promotion": "pause"},
         },
     )
     job_path = tmp_path / "cli-asha.yaml"
     job_path.write_text(yaml.safe_dump(job.model_dump(mode="json")))
     command = [sys.executable, "-m", "shipyard", "sweep", str(job_path)]
+    mirror = f"s3/{s3.removeprefix('s3://')}/runs/cli-asha-sweep"
+
+    def third_trial_paused() -> bool:
+        rows = read_history(tmp_path / "first-machine" / mirror)
+        return any(row["config"]["train.lr"] == 3e-5 for row in rows)
 
     first_log = tmp_path / "first.log"
     first = subprocess.Popen(
@@ -97,15 +106,13 @@ def test_interrupted_asha_sweep_on_s3_resumes_elsewhere_and_reports_its_best(
         start_new_session=True,
     )
     try:
-        wait_for(lambda: len(finished_trials(first_log.read_text())) >= 2, 300, "two trials")
+        wait_for(third_trial_paused, 300, "the third trial at its first rung")
         first.send_signal(signal.SIGINT)
         assert first.wait(timeout=120) == 130, first_log.read_text()
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
-    first_output = first_log.read_text()
-    assert "Interrupted with" in first_output
-    done_before = finished_trials(first_output)
+    assert "Interrupted with" in first_log.read_text()
 
     second_machine = tmp_path / "second-machine"
     second = subprocess.run(
@@ -117,21 +124,25 @@ def test_interrupted_asha_sweep_on_s3_resumes_elsewhere_and_reports_its_best(
     )
     assert second.returncode == 0, second.stdout + second.stderr
     assert "resuming" in second.stdout
-    for trial in done_before:
-        assert f"trial {trial} started" not in second.stdout, f"{trial} was run again"
+
+    histories = by_trial(read_history(second_machine / mirror))  # both runs' rows
+    lr_of = {trial: rows[0]["config"]["train.lr"] for trial, rows in histories.items()}
+    trained = {lr_of[trial]: [row["step"] for row in rows] for trial, rows in histories.items()}
+    assert trained == {1e-5: [8], 3e-3: [8, 16, 24], 3e-5: [8], 1e-4: [8, 16]}
+    for trial, lr in lr_of.items():
+        if lr in (1e-5, 3e-5):  # paused at step 8 for good: never run again
+            assert f"trial {trial} resumed" not in second.stdout, f"{trial} was run again"
+    best = next(trial for trial, lr in lr_of.items() if lr == 3e-3)
+    assert f"trial {best} resumed at step 16" in second.stdout
+    assert histories[best][-1]["resumed_from_step"] == 16
 
     sweep = open_store(f"{s3}/runs/cli-asha-sweep")
     rows = list(csv.DictReader(io.StringIO(sweep.get_text("results.csv"))))
-    assert len(rows) == 4
-    assert any(row["status"] == "stopped early" for row in rows)
     assert [row["rank"] for row in rows] == ["1", "2", "3", "4"]
+    assert [row["status"] for row in rows].count("stopped early") == 3
     best_row = rows[0]
+    assert (best_row["trial_id"], best_row["status"]) == (best, "completed")
     assert float(best_row["best_val_loss"]) == min(float(row["best_val_loss"]) for row in rows)
-    # The history came across from the first machine: every trial reported at step 8.
-    history = read_history(second_machine / "s3" / s3.removeprefix("s3://") / "runs/cli-asha-sweep")
-    assert {row["trial_id"] for row in history if row["step"] == 8} == {
-        row["trial_id"] for row in rows
-    }
 
     best_metric = float(best_row["best_val_loss"])
     assert f"val_loss {best_metric:.4f}" in second.stdout
@@ -146,11 +157,6 @@ def test_interrupted_asha_sweep_on_s3_resumes_elsewhere_and_reports_its_best(
     assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
     # Trials' Train runs were scratch: nothing of them is left on S3.
     assert not sweep.keys("trial-runs/"), "the trials' scratch runs were left on S3"
-
-
-def finished_trials(output: str) -> set[str]:
-    """Trials the sweep's output says have finished or were stopped early."""
-    return set(re.findall(r"trial (\S+) (?:finished|stopped early)", output))
 
 
 def test_pbt_continues_a_weak_trial_from_a_strong_ones_checkpoint(ray_session, tmp_path):
