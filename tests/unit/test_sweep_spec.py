@@ -194,3 +194,18 @@ def test_asha_with_promotions_gates_the_search_by_its_running_trials():
     percentile = job_with({"scheduler": "asha", "asha": {"promotion": "percentile"}})
     tune_asha = search_and_scheduler(percentile, (), concurrent_trials=2)
     assert type(tune_asha["scheduler"]).__name__ == "AsyncHyperBandScheduler"
+
+
+def test_optuna_under_paused_asha_is_gated_but_not_concurrency_limited():
+    """A concurrency limiter would count paused trials as running; the gate counts them."""
+    from ray.tune.search import SearchGenerator
+
+    from shipyard.sweep.tuner import search_and_scheduler
+
+    job = job_with({"scheduler": "asha", "search": "optuna"})
+    dimensions = check_sweep(job, "x")
+    gate = search_and_scheduler(job, dimensions, concurrent_trials=2)["search_alg"]
+    assert type(gate.search) is SearchGenerator
+    space = {dimension.path: dimension.to_tune() for dimension in dimensions}
+    assert gate.set_search_properties("val_loss", "min", space)
+    assert 1.0e-4 <= gate.search.searcher.suggest("trial0")["train.lr"] <= 3.0e-3
