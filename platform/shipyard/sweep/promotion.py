@@ -7,6 +7,8 @@ trial a resumed sweep left mid-way, then to the best paused trial in the top
 1/reduction_factor of all its rung's results (highest rung first), and only then to a new
 trial. When no new trial is left and none can be promoted, the best trial of the highest rung
 goes on until one trial has trained to the end; the rest stay stopped where they paused.
+A promotion is decided on the results the rung holds at the time (the paper's rule too), so
+early on, while a rung holds few, some trials are promoted that its final top would not hold.
 
 Our trials reserve only a sliver of CPU in Tune (their Train workers ask for theirs later), so
 Tune would start every trial it is given: `Gate` wraps the search algorithm so that it is
