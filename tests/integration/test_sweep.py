@@ -133,7 +133,7 @@ def test_interrupted_asha_sweep_on_s3_resumes_elsewhere_and_reports_its_best(
         if lr in (1e-5, 3e-5):  # paused at step 8 for good: never run again
             assert f"trial {trial} resumed" not in second.stdout, f"{trial} was run again"
     best = next(trial for trial, lr in lr_of.items() if lr == 3e-3)
-    assert f"trial {best} resumed at step 16" in second.stdout
+    assert f"trial {best} resumed (last reported step 16)" in second.stdout
     assert histories[best][-1]["resumed_from_step"] == 16
 
     sweep = open_store(f"{s3}/runs/cli-asha-sweep")

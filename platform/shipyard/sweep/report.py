@@ -69,8 +69,8 @@ class TrialTable(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         step = (trial.last_result or {}).get("step")
-        if step:  # after a pause, a PBT exploit or an interrupted sweep
-            self._say(f"trial {trial.trial_id} resumed at step {step}")
+        if step:  # after a pause, a PBT exploit or an interrupted sweep; from a checkpoint
+            self._say(f"trial {trial.trial_id} resumed (last reported step {step})")
         else:
             values = _format_values(trial.config, self.paths)
             self._say(f"trial {trial.trial_id} started: {values}")
