@@ -31,11 +31,13 @@ from shipyard.runtime.local import start_local_ray
 from shipyard.spec.job import JobSpec
 from shipyard.spec.load import validate
 from shipyard.sweep.history import by_trial, read_history
+from shipyard.sweep.promotion import Rungs
 from shipyard.sweep.search_space import check_sweep
 from shipyard.sweep.tuner import run_sweep, sweep_folder
 
 WITHIN = 1.02
 GRACE, REDUCTION = 9, 3  # ASHA's rungs: steps 9, 27, 81, ...
+CHECKPOINT_EVERY = 3  # also evaluated then: ASHA's rungs fall on checkpoints
 SPACE = {"train.lr": {"loguniform": [1.0e-5, 1.0e-2]}, "model.width": {"choice": [32, 64, 128]}}
 
 
@@ -75,8 +77,9 @@ def main() -> None:
             f"{name:15s}: {found[name]} steps to find it, {total} steps in all, "
             f"best {own_best:.4f}, wall {wall[name]:.0f} s"
         )
+    rungs = Rungs.between(GRACE, REDUCTION, args.max_steps, CHECKPOINT_EVERY).milestones
     for name in sweeps[1:]:
-        survival = rung_survival(histories[name], GRACE, REDUCTION, args.max_steps)
+        survival = rung_survival(histories[name], rungs)
         print(f"{name}: trials that went on past each rung (aim: 1 in {REDUCTION}): {survival}")
         if found[name] and found["random"]:
             ratio = found["random"] / found[name]
@@ -111,8 +114,8 @@ def benchmark_job(name: str, storage: str, args) -> JobSpec:
             "warmup_steps": 3,
             "max_steps": args.max_steps,
             "log_every": 3,
-            "eval_every": 3,
-            "checkpoint_every": 3,
+            "eval_every": CHECKPOINT_EVERY,
+            "checkpoint_every": CHECKPOINT_EVERY,
             "keep_checkpoints": 1,
             "seed": args.seed,
         },
@@ -138,10 +141,9 @@ def steps_trained(rows) -> list[int]:
     return [max(row["step"] for row in own) for own in by_trial(rows).values()]
 
 
-def rung_survival(rows, grace: int, reduction: int, max_steps: int) -> str:
-    """At each ASHA rung, how many of the trials that reached it trained on past it."""
+def rung_survival(rows, rungs: list[int]) -> str:
+    """At each ASHA rung (a step), how many of the trials that reached it trained on past it."""
     trained = steps_trained(rows)
-    rungs = [grace * reduction**k for k in range(max_steps) if grace * reduction**k < max_steps]
     return ", ".join(
         f"step {rung}: {sum(t > rung for t in trained)} of {sum(t >= rung for t in trained)}"
         for rung in rungs
