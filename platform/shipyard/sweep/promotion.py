@@ -176,16 +176,16 @@ class PromotingAsha(TrialScheduler):
         if self._free_slots() <= 0:
             return None
         trials = {trial.trial_id: trial for trial in tune_controller.get_trials()}
-        waiting = {  # paused, not still saving on the way there
-            trial_id: rung
-            for trial_id, rung in self.paused.items()
-            if trials[trial_id].status == Trial.PAUSED
-        }
         if self.queued:
             trial_id, target = next(iter(self.queued.items()))
             del self.queued[trial_id]
             self.running[trial_id] = target
             return trials[trial_id]
+        waiting = {  # paused, not still saving on the way there
+            trial_id: rung
+            for trial_id, rung in self.paused.items()
+            if trials[trial_id].status == Trial.PAUSED
+        }
         candidates = self.rungs.candidates(waiting)
         if candidates:
             return trials[self._promote(candidates[0])]
