@@ -38,6 +38,7 @@ format: setup
 
 bench: setup
 	$(PY) benchmarks/train_overhead.py
+	$(PY) benchmarks/train_overhead.py --job jobs/tiny-llama.yaml
 	$(PY) benchmarks/serve_load.py
 	$(PY) benchmarks/sweep_efficiency.py
 	$(PY) benchmarks/planner.py --measure

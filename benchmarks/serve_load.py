@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from shipyard.models.gpt import GPT
+from shipyard.models.gpt.generation import GenerationRequest, TextGenerator
 from shipyard.runtime.local import start_local_ray
 from shipyard.serve.deployment import Service, deploy, stop_serve
 from shipyard.serve.export import (
@@ -32,7 +33,6 @@ from shipyard.serve.export import (
     load_exported_model,
     write_export,
 )
-from shipyard.serve.generation import GenerationRequest, TextGenerator
 from shipyard.spec.job import JobSpec, ServeSpec
 from shipyard.spec.load import load_job
 from shipyard.train.checkpoint import latest_checkpoint

@@ -1,10 +1,13 @@
 """Shipyard's steady-state training throughput vs a hand-written DeepSpeed loop, in one run.
 
-Both sides train the same GPT with the same DeepSpeed config, process count and threads per
+Both sides train the same model with the same DeepSpeed config, process count and threads per
 process on the same byte windows; only the launcher differs (torch.multiprocessing vs Ray Train
-with Ray Data, metrics and the Shipyard loop). Prints the ratio Shipyard ÷ baseline (goal ≥ 0.97).
+with Ray Data, metrics and the Shipyard loop). For a Hugging Face job the baseline trains the
+transformers model itself (`AutoModelForCausalLM.from_config`, `use_cache=False`), Shipyard its
+pieces of it. Prints the ratio Shipyard ÷ baseline (goal ≥ 0.97).
 
     .venv/bin/python benchmarks/train_overhead.py [--job jobs/tiny-gpt.yaml] [--steps 60]
+    .venv/bin/python benchmarks/train_overhead.py --job jobs/tiny-llama.yaml
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import torch.multiprocessing as mp
 
 from shipyard.data.batches import replica_slices, training_batches
 from shipyard.data.corpus import corpus_files, cut_windows, validation_stride
-from shipyard.models.gpt import GPT, language_model_loss
+from shipyard.models import model_family
+from shipyard.models.family import seeded
+from shipyard.models.loss import language_model_loss
 from shipyard.plan.devices import cpu_threads
 from shipyard.plan.plan import make_plan
 from shipyard.runtime.local import free_port
@@ -115,7 +120,7 @@ def baseline_worker(
     )
     torch.set_num_threads(cpu_threads(plan.cpus_per_worker))  # as Ray gives its workers
     deepspeed.init_distributed(dist_backend="gloo")
-    model = GPT(job.model, job.train.seed)
+    model, logits = baseline_model(job)
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=model.parameters(),
@@ -133,7 +138,7 @@ def baseline_worker(
     def step() -> None:
         for _ in range(plan.gradient_accumulation):
             tokens = next(batches)[mine]
-            loss = language_model_loss(engine(tokens[:, :-1]), tokens[:, 1:])
+            loss = language_model_loss(logits(engine, tokens[:, :-1]), tokens[:, 1:])
             engine.backward(loss)
             engine.step()
 
@@ -149,6 +154,17 @@ def baseline_worker(
         tokens = steps * plan.global_batch_size * job.model.sequence_length
         Path(result).write_text(str(tokens / seconds))
     torch.distributed.destroy_process_group()
+
+
+def baseline_model(job: JobSpec):
+    """The model a hand-written loop would train, and how it gets logits from it."""
+    if job.model.type == "huggingface":
+        from transformers import AutoModelForCausalLM
+
+        with seeded(job.train.seed):
+            model = AutoModelForCausalLM.from_config(model_family(job.model).config)
+        return model, lambda engine, tokens: engine(input_ids=tokens, use_cache=False).logits
+    return model_family(job.model).build(job.train.seed), lambda engine, tokens: engine(tokens)
 
 
 def local_windows(job: JobSpec) -> np.ndarray:

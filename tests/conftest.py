@@ -24,6 +24,22 @@ def write_job(tmp_path: Path):
     return write
 
 
+@pytest.fixture
+def shipped_pretrained(tmp_path, monkeypatch):
+    """Run from a folder holding models/tiny-llama, the pretrained folder the shipped fine-tune
+    job names, made with save_pretrained (random weights, the tiny Llama job's architecture)."""
+    from transformers import AutoModelForCausalLM
+
+    from shipyard.models import model_family
+    from shipyard.spec.load import load_job
+
+    config = model_family(load_job(REPO / "jobs" / "tiny-llama.yaml").model).config
+    folder = tmp_path / "models" / "tiny-llama"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    monkeypatch.chdir(tmp_path)
+    return folder
+
+
 def start_moto_server(log: Path, **environment: str):
     """moto's S3-compatible server on 127.0.0.1 (a real HTTP server boto3 talks to)."""
     import subprocess

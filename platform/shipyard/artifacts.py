@@ -69,6 +69,41 @@ def push(job: JobSpec, store: Store) -> Manifest:
         return publish(store, job.name, staging, facts)
 
 
+def export_to(job: JobSpec, target: Path, checkpoint: str | None = None) -> Path:
+    """The job's latest checkpoint (or `checkpoint`, a folder or s3://…) as a Hugging Face
+    folder at `target`, which must not exist yet; it appears whole or not at all."""
+    from shipyard.serve.export import export_checkpoint
+    from shipyard.train.checkpoint import latest_checkpoint, local_copy, read_checkpoint, run_folder
+
+    if target.exists():
+        raise ArtifactError(
+            f"--to {target}: already exists; it is left as it is. To fix: give a new folder."
+        )
+    if checkpoint is None:
+        saved = latest_checkpoint(job.storage, job.name)
+        if saved is None:
+            raise ArtifactError(
+                f"job {job.name!r} has no checkpoint under {job.storage} to export. To fix: "
+                "train it first (shipyard train)."
+            )
+    else:
+        try:
+            saved = read_checkpoint(checkpoint)
+        except FileNotFoundError:
+            raise ArtifactError(
+                f"--checkpoint {checkpoint}: not a Shipyard checkpoint (no shipyard.json)."
+            ) from None
+    export = export_checkpoint(local_copy(saved, run_folder(job.storage, job.name)))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        shutil.copytree(export.folder, staging, dirs_exist_ok=True)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 def fetch(store: Store, name: str, destination: Path, version: str | None = None) -> Path:
     """Pull `version` of `name` (default: latest) into `destination/<version>`, verified; a
     version pulled before is reused, never overwritten."""

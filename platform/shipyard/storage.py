@@ -169,15 +169,21 @@ class S3Store:
         return answer["Body"].read().decode()
 
     def keys(self, prefix: str) -> list[str]:
-        found = []
+        return sorted(self.listing(prefix))
+
+    def listing(self, prefix: str) -> dict[str, str]:
+        """Every object under `prefix` with its ETag (which changes when the object does)."""
+        found = {}
         pages = self.client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=self._key(prefix)
         )
-        for page in pages:
-            # Keys ending in "/" are folder markers (pyarrow writes them), not files.
-            found += [item["Key"] for item in page.get("Contents", []) if item["Key"][-1] != "/"]
         strip = len(self._key(""))
-        return sorted(key[strip:] for key in found)
+        for page in pages:
+            for item in page.get("Contents", []):
+                # Keys ending in "/" are folder markers (pyarrow writes them), not files.
+                if item["Key"][-1] != "/":
+                    found[item["Key"][strip:]] = item.get("ETag", "")
+        return found
 
     def check(self) -> None:
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError

@@ -16,6 +16,7 @@ import pytest
 from shipyard.runtime.local import free_port, start_local_ray
 from shipyard.spec.job import JobSpec
 from shipyard.spec.load import validate
+from tests.conftest import REPO
 
 # A model small enough that a 2-worker DeepSpeed run takes seconds on 2 CPU cores.
 TINY_JOB = {
@@ -36,6 +37,23 @@ TINY_JOB = {
         "seed": 11,
     },
     "failure": {"max_failures": 0},
+}
+
+
+# A tiny transformers Llama, for tests that need any Hugging Face model quickly.
+TINY_LLAMA = {
+    "type": "huggingface",
+    "architecture": "llama",
+    "sequence_length": 32,
+    "config": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 256,
+        "max_position_embeddings": 64,
+    },
 }
 
 
@@ -95,6 +113,53 @@ def layouts(ray_session, runs_dir):
     return run
 
 
+def shipped_job(file: str, name: str, storage: Path | str, **train) -> JobSpec:
+    """The model of the shipped job `jobs/<file>`, trained as the tests train TINY_JOB (24
+    steps on 200 KB) with `train` changed: the shipped model itself, in a test's time."""
+    from shipyard.spec.load import read_yaml
+
+    shipped = read_yaml(REPO / "jobs" / file)
+    document = {
+        **TINY_JOB,
+        "name": name,
+        "storage": str(storage),
+        "model": shipped["model"],
+        "train": {**TINY_JOB["train"], **train},
+    }
+    return validate(JobSpec, document, source=f"<test job {name} from jobs/{file}>")
+
+
+@pytest.fixture(scope="session")
+def model_runs(ray_session, runs_dir):
+    """One short training run per shipped model and layout, shared by every test that
+    compares, exports or serves them: model_runs("tiny-llama.yaml", "zero0", zero_stage=0)."""
+    from shipyard.train.trainer import run_training
+
+    cache = {}
+
+    def run(file: str, name: str, **train):
+        if name not in cache:
+            cache[name] = run_training(shipped_job(file, name, runs_dir, **train))
+        return cache[name]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def mixer_run(ray_session, runs_dir):
+    """tests/factories.py:mixer (a factory's nn.Sequential) trained in 2 pipeline stages; the
+    result, and a function making the same job under another name."""
+    from shipyard.train.trainer import run_training
+
+    model = {"type": "python", "factory": "tests.factories:mixer", "sequence_length": 32}
+
+    def job_for(name: str) -> JobSpec:
+        job = tiny_job(name, runs_dir, pipeline_stages=2, micro_batch_size=8)
+        return JobSpec.model_validate({**job.model_dump(), "model": model})
+
+    return run_training(job_for("mixer")), job_for
+
+
 def wait_for(condition, timeout: float, what: str) -> None:
     """Poll `condition` every half second; fail naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -106,12 +171,14 @@ def wait_for(condition, timeout: float, what: str) -> None:
 
 def validation_loss(model, job: JobSpec, plan=None) -> float:
     """`job`'s validation loss as its workers compute it: the first global micro-batches of the
-    validation windows, each replica's slice, weighted by its number of windows."""
+    validation windows, each replica's slice, weighted by its number of windows. `model` maps
+    token ids to logits (or, as transformers' models do, to an output with .logits)."""
     import torch
 
     from shipyard.data.batches import evaluation_batches, load_windows, replica_slices
     from shipyard.data.corpus import build_corpus
-    from shipyard.models.gpt import language_model_loss
+    from shipyard.models.family import logits_of
+    from shipyard.models.loss import language_model_loss
     from shipyard.plan.plan import make_plan
 
     plan = plan or make_plan(job)
@@ -123,7 +190,8 @@ def validation_loss(model, job: JobSpec, plan=None) -> float:
         for batch in batches:
             for part in replica_slices(micro):
                 tokens = batch[part]
-                loss = language_model_loss(model(tokens[:, :-1]), tokens[:, 1:]).item()
+                logits = logits_of(model(tokens[:, :-1]))
+                loss = language_model_loss(logits, tokens[:, 1:]).item()
                 total += loss * len(tokens)
     return total / (sum(micro) * len(batches))
 

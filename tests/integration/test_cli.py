@@ -19,15 +19,16 @@ import pytest
 import requests
 import yaml
 
+from shipyard.models.gpt.generation import GenerationRequest, TextGenerator
 from shipyard.runtime.local import free_port
 from shipyard.serve.export import load_exported_model, read_export
-from shipyard.serve.generation import GenerationRequest, TextGenerator
 from shipyard.spec.load import load_job
 from shipyard.train.checkpoint import saved_checkpoints
 from tests.conftest import REPO
 from tests.integration.conftest import (
     SHIPYARD,
     TINY_JOB,
+    TINY_LLAMA,
     cluster_up,
     wait_for,
     without_ray_address,
@@ -262,9 +263,9 @@ def test_serve_deploys_to_a_running_cluster_and_returns(cli_run, ray_head):
     assert shipyard_serve("--shutdown").returncode == 0  # the head is shared with later tests
 
 
-def write_cli_job(tmp_path, name: str, **train) -> tuple:
+def write_cli_job(tmp_path, name: str, model: dict | None = None, **train) -> tuple:
     storage = tmp_path / "runs"
-    spec = {**TINY_JOB, "name": name, "storage": str(storage)}
+    spec = {**TINY_JOB, "name": name, "storage": str(storage), "model": model or TINY_JOB["model"]}
     spec["train"] = {**TINY_JOB["train"], **train}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -276,8 +277,15 @@ def submitted_id(output: str) -> str:
 
 
 def test_a_submitted_job_is_followed_to_success_and_recorded(ray_head, tmp_path):
+    """A tiny transformers Llama, submitted through Ray's Jobs API."""
     job_path, storage = write_cli_job(
-        tmp_path, "submitted", max_steps=8, warmup_steps=2, checkpoint_every=8, eval_every=8
+        tmp_path,
+        "submitted",
+        model=TINY_LLAMA,
+        max_steps=8,
+        warmup_steps=2,
+        checkpoint_every=8,
+        eval_every=8,
     )
     head = ray_head[2]
     submitted = head("submit", str(job_path), "--cluster", str(LOCAL_CLUSTER), "--follow")

@@ -8,13 +8,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 import torch
+from transformers import AutoModelForCausalLM
 
+from shipyard.models.sampling import GenerationRequest
 from shipyard.runtime.local import free_port
 from shipyard.serve import deployment
 from shipyard.serve.app import DEPLOYMENT_NAME
 from shipyard.serve.deployment import Service, serve_status
-from shipyard.serve.export import export_checkpoint, load_exported_model
-from shipyard.serve.generation import GenerationRequest, TextGenerator
+from shipyard.serve.export import export_checkpoint, load_exported_model, load_generator
 from shipyard.spec.job import ServeSpec
 from shipyard.train.checkpoint import latest_checkpoint
 from tests.integration.conftest import PP2_TP2, tiny_job, validation_loss, wait_for
@@ -71,25 +72,25 @@ def test_zero0_and_zero3_exports_agree(layouts, runs_dir):
 
 @pytest.fixture(scope="module")
 def serving(ray_session, layouts, runs_dir):
-    """Deploy the ZeRO-3 run's export with given serve settings; one HTTP port for the module.
-    Tests asking for the settings already deployed share that deployment (the bad-request
-    cases then also show one server surviving all of them)."""
+    """Deploy an export (the ZeRO-3 GPT run's by default) with given serve settings; one HTTP
+    port for the module. Tests asking for what is already deployed share that deployment (the
+    bad-request cases then also show one server surviving all of them)."""
     from ray import serve
 
     layouts("zero3", zero_stage=3)
-    export = export_checkpoint(latest_checkpoint(str(runs_dir), "zero3"))
+    gpt = export_checkpoint(latest_checkpoint(str(runs_dir), "zero3"))
     port = free_port()
     deployed = {}
 
-    def deploy(**settings) -> str:
+    def deploy(export=gpt, **settings) -> str:
         spec = ServeSpec(port=port, cpus_per_replica=0.25, **settings)
         service = Service(APP, export, spec)
-        if deployed.get("spec") != spec:
+        if deployed.get("service") != (export.folder, spec):
             deployment.deploy(service)
-            deployed["spec"] = spec
+            deployed["service"] = (export.folder, spec)
         return service.url
 
-    deploy.export = export
+    deploy.export = gpt
     yield deploy
     serve.shutdown()
 
@@ -98,7 +99,7 @@ def serving(ray_session, layouts, runs_dir):
 def expected(serving) -> list[list[int]]:
     """Every body of BODIES generated alone, in-process, from the same export."""
     export = serving.export
-    generator = TextGenerator(load_exported_model(export), export.model.sequence_length)
+    generator = load_generator(export)
     requests_alone = [
         GenerationRequest(
             tuple(body["prompt"].encode()),
@@ -134,6 +135,63 @@ def test_http_answers_equal_direct_generation_and_are_batched(serving, expected)
     assert max(answer["batch_size"] for answer in answers) > 1, "requests were batched"
     model = requests.get(f"{url}/v1/model", timeout=30).json()
     assert (model["job"], model["step"], model["context_length"]) == ("zero3", 24, 32)
+
+
+def test_transformers_generates_from_the_gpt_export_what_serve_answers(serving, expected):
+    """The built-in GPT's export opens as GPT-2: greedy `generate` gives the served tokens."""
+    pairs = zip(BODIES, expected, strict=True)
+    greedy = [(body, tokens) for body, tokens in pairs if "temperature" not in body]
+    assert transformers_greedy(serving.export.folder, greedy) == [t for _, t in greedy]
+
+
+def transformers_greedy(folder, bodies_and_tokens) -> list[list[int]]:
+    """What transformers' own greedy `generate` continues each body's prompt with."""
+    opened = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    answers = []
+    for body, _ in bodies_and_tokens:
+        prompt = torch.tensor([list(body["prompt"].encode())])
+        with torch.no_grad():
+            ids = opened.generate(
+                prompt,
+                do_sample=False,
+                max_new_tokens=body["max_new_tokens"],
+                min_new_tokens=body["max_new_tokens"],
+                pad_token_id=0,
+            )
+        answers.append(ids[0, prompt.shape[1] :].tolist())
+    return answers
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_huggingface_export_serves_what_transformers_generates(
+    serving, model_runs, runs_dir, family
+):
+    """The tiny Llama's and the GPT-2's exports on Serve (their own KV cache, batched with
+    other requests): greedy answers are transformers' greedy `generate` from the same folder;
+    a seeded sampled answer repeats."""
+    files = {"llama": "tiny-llama.yaml", "gpt2": "gpt2-pipeline.yaml"}
+    model_runs(files[family], f"{family}-zero0", zero_stage=0, pipeline_stages=1)
+    export = export_checkpoint(latest_checkpoint(str(runs_dir), f"{family}-zero0"))
+    url = serving(export, num_replicas=1, max_batch_size=8, batch_wait_timeout_s=0.2)
+    greedy = [{"prompt": p, "max_new_tokens": 8} for p in PROMPTS]
+    sampled = {"prompt": "def ", "max_new_tokens": 8, "temperature": 0.8, "seed": 7}
+    answers = post_all(url, [*greedy, sampled, sampled])
+    assert [a["tokens"] for a in answers[: len(greedy)]] == transformers_greedy(
+        export.folder, [(body, None) for body in greedy]
+    )
+    assert answers[-1]["tokens"] == answers[-2]["tokens"]
+    assert max(answer["batch_size"] for answer in answers) > 1, "requests were batched"
+
+
+def test_a_factory_export_serves_what_its_module_generates(serving, mixer_run, runs_dir):
+    export = export_checkpoint(latest_checkpoint(str(runs_dir), "mixer"))
+    url = serving(export, num_replicas=1, max_batch_size=4)
+    bodies = [{"prompt": p, "max_new_tokens": 6} for p in PROMPTS[:4]]
+    generator = load_generator(export)
+    alone = [
+        generator.generate([GenerationRequest(tuple(b["prompt"].encode()), 6)])[0] for b in bodies
+    ]
+    assert [answer["tokens"] for answer in post_all(url, bodies)] == alone
 
 
 def test_batching_off_gives_the_same_answers(serving, expected):

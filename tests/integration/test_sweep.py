@@ -27,6 +27,7 @@ from shipyard.train.checkpoint import local_copy, read_checkpoint
 from shipyard.train.schedule import lr_factor
 from tests.integration.conftest import (
     TINY_JOB,
+    TINY_LLAMA,
     validation_loss,
     wait_for,
     without_ray_address,
@@ -45,9 +46,9 @@ SWEEP_ACTORS = {
 }
 
 
-def sweep_job(name: str, storage, sweep: dict, **train) -> JobSpec:
-    """TINY_JOB checkpointed and evaluated every 8 steps, with 0.45 CPU per worker so two
-    2-worker trials (and their own small actors) fit on 2 cores at once."""
+def sweep_job(name: str, storage, sweep: dict, model: dict | None = None, **train) -> JobSpec:
+    """TINY_JOB (or its `model` instead) checkpointed and evaluated every 8 steps, with 0.45
+    CPU per worker so two 2-worker trials (and their own small actors) fit on 2 cores at once."""
     train = {
         **TINY_JOB["train"],
         "eval_every": 8,
@@ -56,6 +57,8 @@ def sweep_job(name: str, storage, sweep: dict, **train) -> JobSpec:
         **train,
     }
     document = {**TINY_JOB, "name": name, "storage": str(storage), "train": train, "sweep": sweep}
+    if model:
+        document["model"] = model
     return validate(JobSpec, document, source=f"<test job {name}>")
 
 
@@ -160,10 +163,10 @@ def test_interrupted_asha_sweep_on_s3_resumes_elsewhere_and_reports_its_best(
 
 
 def test_pbt_continues_a_weak_trial_from_a_strong_ones_checkpoint(ray_session, tmp_path):
-    """Two trials, lr 3e-3 and 1e-5: at the perturbation at step 8 the weak one takes the
-    strong one's checkpoint and goes on with its own (perturbed) lr; nothing of the sweep is
-    left running. Synchronous PBT: the trial ahead waits at step 8 for the other, so the
-    exploit does not depend on how far apart Ray started them."""
+    """Two trials of a tiny transformers Llama, lr 3e-3 and 1e-5: at the perturbation at step
+    8 the weak one takes the strong one's checkpoint and goes on with its own (perturbed) lr;
+    nothing of the sweep is left running. Synchronous PBT: the trial ahead waits at step 8 for
+    the other, so the exploit does not depend on how far apart Ray started them."""
     job = sweep_job(
         "pbt",
         tmp_path,
@@ -173,6 +176,7 @@ def test_pbt_continues_a_weak_trial_from_a_strong_ones_checkpoint(ray_session, t
             "scheduler": "pbt",
             "pbt": {"perturbation_interval": 8, "quantile_fraction": 0.5, "synch": True},
         },
+        model=TINY_LLAMA,
         max_steps=12,  # one perturbation, then 4 steps of the exploited checkpoint
         eval_every=4,
         checkpoint_every=4,

@@ -1,41 +1,45 @@
-"""Safetensors exports: a round trip keeps the weights; a changed file is refused."""
+"""Exports are Hugging Face folders: transformers opens them with no custom code and computes
+the logits Shipyard does; a changed file is refused; an export is never overwritten."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
+from shipyard.models.export_files import save_weights
 from shipyard.models.gpt import GPT
-from shipyard.serve.export import (
-    ExportError,
-    load_exported_model,
-    read_export,
-    write_export,
-)
-from shipyard.spec.job import ModelSpec
+from shipyard.serve.export import ExportError, load_exported_model, read_export, write_export
+from shipyard.spec.model import GptModelSpec
 
-SPEC = ModelSpec(layers=1, heads=2, width=16, sequence_length=16)
+SPEC = GptModelSpec(layers=2, heads=2, width=16, sequence_length=16, dropout=0.1)
+TOKENS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
 
 
 def export_of(model: GPT, target):
     return write_export(target, model.state_dict(), SPEC, job_name="tiny", step=7)
 
 
-def test_round_trip_keeps_every_weight(tmp_path):
-    model = GPT(SPEC, seed=3)
+def test_the_gpt_exports_as_a_gpt2_that_transformers_opens(tmp_path):
+    model = GPT(SPEC, seed=3).eval()
     export = export_of(model, tmp_path / "export")
-    loaded = load_exported_model(read_export(tmp_path / "export"))
     assert (export.job_name, export.step, export.model) == ("tiny", 7, SPEC)
+    opened = AutoModelForCausalLM.from_pretrained(export.folder, local_files_only=True).eval()
+    assert type(opened).__name__ == "GPT2LMHeadModel"
+    with torch.no_grad():
+        torch.testing.assert_close(opened(TOKENS).logits, model(TOKENS), atol=1e-5, rtol=1e-5)
+    back = load_exported_model(read_export(tmp_path / "export"))
     for name, weight in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[name], weight)
+        assert torch.equal(back.state_dict()[name], weight), name
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export-")], "no staging left"
 
 
 def test_a_changed_weights_file_is_refused(tmp_path):
     export = export_of(GPT(SPEC, seed=3), tmp_path / "export")
-    data = bytearray(export.weights.read_bytes())
+    weights = export.folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
-    export.weights.write_bytes(bytes(data))
+    weights.write_bytes(bytes(data))
     with pytest.raises(ExportError, match="does not match the manifest"):
         load_exported_model(export)
 
@@ -49,3 +53,15 @@ def test_an_existing_export_is_never_overwritten(tmp_path):
 def test_a_folder_without_manifest_is_not_an_export(tmp_path):
     with pytest.raises(ExportError, match="not a Shipyard export folder"):
         read_export(tmp_path)
+
+
+def test_big_weights_are_sharded_with_an_index_transformers_reads(tmp_path):
+    model = GPT(SPEC, seed=3).eval()
+    from shipyard.models.gpt.huggingface import gpt2_config, to_gpt2
+
+    files = save_weights(to_gpt2(model.state_dict(), SPEC), tmp_path, max_shard_bytes=20_000)
+    gpt2_config(SPEC).save_pretrained(tmp_path)
+    assert files[-1] == "model.safetensors.index.json" and len(files) > 3
+    opened = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(opened(TOKENS).logits, model(TOKENS), atol=1e-5, rtol=1e-5)

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from shipyard.models.gpt import GPT
+from shipyard.models.gpt.generation import TextGenerator
+from shipyard.models.sampling import BrokenModelError, GenerationRequest
 from shipyard.serve.batching import ContinuousBatcher
-from shipyard.serve.generation import BrokenModelError, GenerationRequest, TextGenerator
-from shipyard.spec.job import ModelSpec
+from shipyard.spec.job import GptModelSpec
 
-SPEC = ModelSpec(layers=2, heads=4, width=64, sequence_length=48)
+SPEC = GptModelSpec(layers=2, heads=4, width=64, sequence_length=48)
 
 
 @pytest.fixture(scope="module")

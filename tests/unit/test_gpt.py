@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from shipyard.models.gpt import GPT, language_model_loss, layer_recipes
-from shipyard.spec.job import ModelSpec
+from shipyard.models.gpt import GPT, layer_recipes
+from shipyard.models.loss import language_model_loss
+from shipyard.spec.job import GptModelSpec
 
-SPEC = ModelSpec(layers=3, heads=2, width=16, sequence_length=12)
+SPEC = GptModelSpec(layers=3, heads=2, width=16, sequence_length=12)
 
 
 def tokens(batch=2, length=12):

@@ -10,16 +10,21 @@ import yaml
 from shipyard import SpecError, hardware
 from shipyard.cli import main
 from shipyard.errors import ResourceError
+from shipyard.models import model_family
 from shipyard.models.gpt import GPT
-from shipyard.plan.memory import model_size, model_state_bytes, rank_memory
+from shipyard.plan.memory import model_state_bytes, rank_memory
 from shipyard.plan.partition import split_by_speed
 from shipyard.plan.plan import ParallelPlan, make_plan
 from shipyard.spec.cluster import local_cluster, parse_cluster
-from shipyard.spec.job import JobSpec, ModelSpec
+from shipyard.spec.job import GptModelSpec, JobSpec
 from shipyard.spec.load import load_cluster, load_job
 from tests.conftest import REPO
 
 GB = 1e9
+
+
+def model_size(spec):
+    return model_family(spec).size()
 
 
 @pytest.mark.parametrize(("stage", "expected_gb"), [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.88)])
@@ -38,7 +43,10 @@ def test_offload_moves_optimizer_then_parameters_to_the_host():
 
 @pytest.mark.parametrize(
     "spec",
-    [ModelSpec(layers=2, heads=2, width=32, sequence_length=16), ModelSpec(vocabulary_size=1000)],
+    [
+        GptModelSpec(layers=2, heads=2, width=32, sequence_length=16),
+        GptModelSpec(vocabulary_size=1000),
+    ],
 )
 def test_parameter_count_is_the_built_models(spec):
     built = sum(parameter.numel() for parameter in GPT(spec, seed=0).parameters())
@@ -46,7 +54,7 @@ def test_parameter_count_is_the_built_models(spec):
 
 
 def test_recomputation_and_pipeline_depth_change_activation_memory():
-    size = model_size(ModelSpec(layers=8, width=1024, heads=16, sequence_length=1024))
+    size = model_size(GptModelSpec(layers=8, width=1024, heads=16, sequence_length=1024))
     common = dict(
         layers=4,
         has_embedding=False,
@@ -127,7 +135,7 @@ def test_memory_bounds_the_split():
     # A model whose state is near a T4's 16 GB: the planner keeps its stage small.
     job = gpu_job(pipeline_stages=2, zero_stage=0, micro_batch_size=1, precision="fp16")
     big = job.model_copy(
-        update={"model": ModelSpec(layers=24, heads=16, width=2048, sequence_length=512)}
+        update={"model": GptModelSpec(layers=24, heads=16, width=2048, sequence_length=512)}
     )
     plan = make_plan(big, two_gpu_cluster(fast="A100-80G"))
     for rank in plan.ranks:
@@ -138,7 +146,7 @@ def test_memory_bounds_the_split():
 def test_nothing_fits_says_what_would():
     job = gpu_job(zero_stage=0, micro_batch_size=1, precision="fp16")
     huge = job.model_copy(
-        update={"model": ModelSpec(layers=40, heads=40, width=5120, sequence_length=2048)}
+        update={"model": GptModelSpec(layers=40, heads=40, width=5120, sequence_length=2048)}
     )
     with pytest.raises(ResourceError) as caught:
         make_plan(huge, two_gpu_cluster())
@@ -198,8 +206,16 @@ SHIPPED = {
         "3d-gpt.yaml",
         "zero3-offload-bf16.yaml",
         "sweep-tiny-gpt.yaml",
+        "tiny-llama.yaml",
+        "gpt2-pipeline.yaml",
+        "finetune-tiny-llama.yaml",
     ],
-    "fake_hetero.yaml": ["tiny-gpt.yaml", "pipeline-gpt.yaml"],
+    "fake_hetero.yaml": [
+        "tiny-gpt.yaml",
+        "pipeline-gpt.yaml",
+        "tiny-llama.yaml",
+        "gpt2-pipeline.yaml",
+    ],
     "aws_hetero.yaml": ["gpt-1b-hetero.yaml"],
 }
 
@@ -208,7 +224,7 @@ SHIPPED = {
     ("cluster_file", "job_file"),
     [(cluster, job) for cluster, jobs in SHIPPED.items() for job in jobs],
 )
-def test_every_shipped_cluster_and_job_plans(cluster_file, job_file):
+def test_every_shipped_cluster_and_job_plans(cluster_file, job_file, shipped_pretrained):
     plan = make_plan(
         load_job(REPO / "jobs" / job_file), load_cluster(REPO / "cluster" / cluster_file)
     )
@@ -422,7 +438,7 @@ def test_a_tensor_parallel_shard_holds_what_the_split_layers_hold():
     from shipyard.models.gpt import Block, Embedding, Head
     from shipyard.models.tensor_parallel import TensorParallel
 
-    spec = ModelSpec(layers=2, heads=4, width=32, sequence_length=16)
+    spec = GptModelSpec(layers=2, heads=4, width=32, sequence_length=16)
     shard = model_size(spec).shard(4)
     counts = {
         cls: sum(p.numel() for p in cls(spec, 0, TensorParallel(size=4)).parameters())
@@ -448,7 +464,7 @@ def test_tensor_parallel_splits_a_layer_too_big_for_one_gpu():
 
 def test_tensor_parallel_halves_what_a_rank_holds():
     job = wide_job(num_workers=1).model_copy(
-        update={"model": ModelSpec(layers=2, heads=16, width=4096, sequence_length=1024)}
+        update={"model": GptModelSpec(layers=2, heads=16, width=4096, sequence_length=1024)}
     )
     split = job.model_copy(
         update={"train": job.train.model_copy(update={"num_workers": 2, "tensor_parallel": 2})}

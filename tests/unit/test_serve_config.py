@@ -11,7 +11,7 @@ from shipyard.errors import SpecError
 from shipyard.serve.app import GenerateBody, deployment_options
 from shipyard.serve.deployment import Service, write_serve_config
 from shipyard.serve.export import ExportedModel
-from shipyard.spec.job import ModelSpec, ServeSpec
+from shipyard.spec.job import GptModelSpec, ServeSpec
 from shipyard.spec.load import load_job
 from tests.conftest import REPO
 
@@ -61,7 +61,9 @@ def test_bad_serve_sections_name_the_field(write_job, serve, message):
 def test_serve_config_is_valid_for_serve_deploy(tmp_path):
     from ray.serve.schema import ServeDeploySchema
 
-    export = ExportedModel(tmp_path / "export", "tiny", 40, ModelSpec(), "0" * 64)
+    export = ExportedModel(
+        tmp_path / "export", "tiny", 40, GptModelSpec(), {"model.safetensors": "0" * 64}
+    )
     service = Service("tiny", export, ServeSpec(port=8123, max_replicas=2))
     path = write_serve_config(service, tmp_path)
     config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
@@ -133,7 +135,7 @@ def test_status_needs_a_cluster(write_job, capsys, no_ray):
 def test_the_serve_spec_round_trips_through_the_application_args(tmp_path):
     from shipyard.serve.app import build_app
 
-    export = ExportedModel(tmp_path, "tiny", 1, ModelSpec(), "0" * 64)
+    export = ExportedModel(tmp_path, "tiny", 1, GptModelSpec(), {"model.safetensors": "0" * 64})
     for spec in (ServeSpec(num_replicas=2), ServeSpec(max_replicas=3, upscale_delay_s=1)):
         args = Service("tiny", export, spec).application_args()
         assert ServeSpec.model_validate(args["serve"]) == spec

@@ -30,7 +30,7 @@ def test_minimal_spec_gets_defaults(write_job):
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "jobs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_job_loads(path):
+def test_every_shipped_job_loads(path, shipped_pretrained):
     loaded = load_job(path)
     assert loaded.name
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 
 import pytest
 import yaml
@@ -209,3 +210,50 @@ def test_optuna_under_paused_asha_is_gated_but_not_concurrency_limited():
     space = {dimension.path: dimension.to_tune() for dimension in dimensions}
     assert gate.set_search_properties("val_loss", "min", space)
     assert 1.0e-4 <= gate.search.searcher.suggest("trial0")["train.lr"] <= 3.0e-3
+
+
+LLAMA = {
+    "type": "huggingface",
+    "architecture": "llama",
+    "sequence_length": 16,
+    "config": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "vocab_size": 256,
+    },
+}
+
+
+def test_a_huggingface_config_field_is_searched_like_any_field(write):
+    space = {"model.config.num_hidden_layers": {"choice": [1, 2, 3]}, **LR_SPACE}
+    document = swept({"space": space, "scheduler": "asha"})
+    job = load_job(write({**document, "model": LLAMA}))
+    assert [d.path for d in check_sweep(job, "x")] == ["model.config.num_hidden_layers", "train.lr"]
+
+
+@pytest.mark.parametrize(
+    ("space", "scheduler", "message"),
+    [
+        (
+            {"model.config.num_attention_heads": {"choice": [4, 5]}},
+            "fifo",
+            "sweep.space.model.config.num_attention_heads: model.config: ",
+        ),
+        (
+            {"model.config.hidden_sise": {"choice": [32]}},
+            "fifo",
+            "model.config.hidden_sise: llama has no such config field. Did you mean 'hidden_size'?",
+        ),
+        (
+            {"model.config.hidden_size": {"choice": [32, 64]}},
+            "pbt",
+            "pbt copies checkpoints between trials",
+        ),
+    ],
+)
+def test_a_searched_model_value_is_checked_as_the_model_would_be(write, space, scheduler, message):
+    document = swept({"space": space, "scheduler": scheduler})
+    with pytest.raises(SpecError, match=re.escape(message)):
+        load_job(write({**document, "model": LLAMA}))

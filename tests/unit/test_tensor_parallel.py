@@ -14,7 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from shipyard.models.gpt import GPT, language_model_loss
+from shipyard.models.gpt import GPT
+from shipyard.models.gpt.generation import GenerationRequest, TextGenerator
+from shipyard.models.loss import language_model_loss
 from shipyard.models.tensor_parallel import (
     SINGLE,
     TensorParallel,
@@ -24,10 +26,9 @@ from shipyard.models.tensor_parallel import (
     unshard,
 )
 from shipyard.runtime.local import free_port
-from shipyard.serve.generation import GenerationRequest, TextGenerator
-from shipyard.spec.job import ModelSpec
+from shipyard.spec.job import GptModelSpec
 
-SPEC = ModelSpec(layers=2, heads=4, width=32, sequence_length=16)
+SPEC = GptModelSpec(layers=2, heads=4, width=32, sequence_length=16)
 SEED = 5
 
 
@@ -36,7 +37,7 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return windows[:, :-1], windows[:, 1:]
 
 
-def _rank_main(rank: int, port: int, spec: ModelSpec, tokens, targets, out: str) -> None:
+def _rank_main(rank: int, port: int, spec: GptModelSpec, tokens, targets, out: str) -> None:
     """One rank of a tp=2 group: its model's shares, logits, loss and gradients, pickled."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -86,7 +87,7 @@ def greedy(model, tp=SINGLE, prompt: bytes = b"def ", new_tokens: int = 10) -> l
     return sequence[len(prompt) :]
 
 
-def run_tp2(tmp_path: Path, spec: ModelSpec, tokens, targets) -> list[dict]:
+def run_tp2(tmp_path: Path, spec: GptModelSpec, tokens, targets) -> list[dict]:
     mp.spawn(
         _rank_main, args=(free_port(), spec, tokens, targets, str(tmp_path)), nprocs=2, join=True
     )

@@ -1,4 +1,4 @@
-"""`shipyard artifacts push|list|pull`: a job's published models."""
+"""`shipyard artifacts push|list|pull` (a job's published models) and `shipyard export`."""
 
 from __future__ import annotations
 
@@ -27,6 +27,31 @@ def register(commands) -> None:
     fetching.add_argument("--version", help="default: the latest")
     fetching.add_argument("--to", default="artifacts", help="local folder (default: artifacts)")
     artifacts.set_defaults(command=_artifacts)
+
+    export = commands.add_parser(
+        "export", help="write a job's trained model as a folder transformers opens"
+    )
+    export.add_argument("job", help="path of the job spec YAML")
+    export.add_argument("--to", required=True, help="a new folder for the model")
+    export.add_argument(
+        "--checkpoint", help="a checkpoint folder or s3://…/checkpoint_… (default: the latest)"
+    )
+    export.set_defaults(command=_export)
+
+
+def _export(args: argparse.Namespace, console: Console) -> int:
+    from shipyard.artifacts import export_to
+    from shipyard.spec.load import load_job
+
+    job = load_job(args.job)
+    folder = export_to(job, Path(args.to).expanduser().resolve(), args.checkpoint)
+    console.print(f"Exported {job.name} to {folder}", highlight=False)
+    console.print(
+        f"Open it: AutoModelForCausalLM.from_pretrained({str(folder)!r}); fine-tune it: "
+        f"model: {{type: huggingface, path: {folder}}}",
+        highlight=False,
+    )
+    return 0
 
 
 def _artifacts(args: argparse.Namespace, console: Console) -> int:

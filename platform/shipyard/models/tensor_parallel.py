@@ -54,10 +54,12 @@ class TensorParallel:
 SINGLE = TensorParallel()
 
 
-def sharding_of(name: str) -> tuple[int, int] | None:
+def sharding_of(
+    name: str, sharding: dict[str, tuple[int, int]] = SHARDING
+) -> tuple[int, int] | None:
     """How the parameter called `name` (e.g. `layers.3.qkv.weight`) is split, or None if every
-    rank holds all of it."""
-    return SHARDING.get(".".join(name.split(".")[-2:]))
+    rank holds all of it; `sharding` is the model family's table (the GPT's by default)."""
+    return sharding.get(".".join(name.split(".")[-2:]))
 
 
 def shard(full: torch.Tensor, dim: int, parts: int, tp: TensorParallel) -> torch.Tensor:
@@ -78,13 +80,15 @@ def unshard(shards: Sequence[torch.Tensor], dim: int, parts: int) -> torch.Tenso
     )
 
 
-def join_shards(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def join_shards(
+    states: Sequence[dict[str, torch.Tensor]], sharding: dict[str, tuple[int, int]] = SHARDING
+) -> dict[str, torch.Tensor]:
     """One state dict from every tensor-parallel rank's, in rank order: split tensors joined,
     replicated ones taken from rank 0."""
     return {
         name: unshard([state[name] for state in states], *split) if split else tensor
         for name, tensor in states[0].items()
-        for split in [sharding_of(name)]
+        for split in [sharding_of(name, sharding)]
     }
 
 
@@ -181,20 +185,23 @@ LINEAR_LAYERS = (ColumnParallelLinear, RowParallelLinear)
 
 class VocabularyParallelEmbedding(nn.Module):
     """Token embeddings with the vocabulary's rows split across ranks: each rank looks up the
-    tokens it holds (zeros for the others) and the group sums the lookups."""
+    tokens it holds (zeros for the others) and the group sums the lookups. A `padding_idx`
+    row gets no gradient, on whichever rank holds it."""
 
-    def __init__(self, vocabulary: int, width: int, tp: TensorParallel):
+    def __init__(self, vocabulary: int, width: int, tp: TensorParallel, padding_idx=None):
         super().__init__()
         self.tp = tp
         self.rows = vocabulary // tp.size
         self.weight = nn.Parameter(torch.empty(self.rows, width))
+        local_padding = None if padding_idx is None else padding_idx - tp.rank * self.rows
+        self.padding_idx = local_padding if local_padding in range(self.rows) else None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if not self.tp.active:
-            return F.embedding(tokens, self.weight)
+            return F.embedding(tokens, self.weight, self.padding_idx)
         local = tokens - self.tp.rank * self.rows
         elsewhere = (local < 0) | (local >= self.rows)
-        found = F.embedding(local.masked_fill(elsewhere, 0), self.weight)
+        found = F.embedding(local.masked_fill(elsewhere, 0), self.weight, self.padding_idx)
         return sum_over_group(found.masked_fill(elsewhere.unsqueeze(-1), 0.0), self.tp)
 
 
@@ -241,10 +248,10 @@ def attention_dropout_seed(tp: TensorParallel) -> int:
     return int(torch.randint(0, 2**62, (1,)).item()) + tp.rank
 
 
-def mark_sharded(module: nn.Module) -> None:
+def mark_sharded(module: nn.Module, sharding: dict[str, tuple[int, int]] = SHARDING) -> None:
     """Tag every split parameter the way DeepSpeed's gradient-norm code recognises them, so it
     sums split parameters over the group and counts replicated ones once."""
     for name, parameter in module.named_parameters():
-        if sharding_of(name):
+        if sharding_of(name, sharding):
             parameter.tensor_model_parallel = True
             parameter.model_parallel = True

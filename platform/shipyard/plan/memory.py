@@ -16,72 +16,13 @@ the layer norms, residuals and dropout masks stay whole on every rank, the rest 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from shipyard.spec.job import ModelSpec
+from shipyard.models.size import ModelSize
 
 GIB = 1024**3
 VALUE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # one weight, gradient or activation
 DEEPSPEED_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce/all-gather bucket size
-
-
-@dataclass(frozen=True)
-class ModelSize:
-    """Parameter counts of Shipyard's GPT, from its spec alone."""
-
-    embedding: int
-    block: int  # one transformer block
-    head: int
-    layers: int
-    width: int
-    sequence_length: int
-    vocabulary_size: int
-
-    tensor_parallel: int = 1  # counts are per tensor-parallel rank (`shard`)
-
-    @property
-    def total(self) -> int:
-        return self.embedding + self.block * self.layers + self.head
-
-    def shard(self, tensor_parallel: int) -> ModelSize:
-        """The counts one of `tensor_parallel` ranks holds: the split weights (qkv, attention
-        out, MLP, token embedding, logits) divided, the layer norms, position embedding and
-        row-parallel biases whole."""
-        if tensor_parallel == 1:
-            return self
-        h, t = self.width, tensor_parallel
-        tokens = self.vocabulary_size * h
-        return replace(
-            self,
-            embedding=tokens // t + self.embedding - tokens,
-            block=(12 * h * h + 7 * h) // t + 6 * h,
-            head=tokens // t + self.head - tokens,
-            tensor_parallel=t,
-        )
-
-    def held(self, layers: int, has_embedding: bool, has_head: bool) -> int:
-        """Parameters of a rank (or pipeline stage) holding `layers` blocks, and maybe the
-        embedding and the head."""
-        return (
-            layers * self.block
-            + (self.embedding if has_embedding else 0)
-            + (self.head if has_head else 0)
-        )
-
-
-def model_size(spec: ModelSpec) -> ModelSize:
-    """Exact parameter counts of `models.gpt` for `spec` (checked against the built model)."""
-    h, vocabulary = spec.width, spec.vocabulary_size
-    return ModelSize(
-        embedding=vocabulary * h + spec.sequence_length * h,
-        # two layer norms, qkv, attention out, mlp in (4h) and out, all with biases
-        block=12 * h * h + 13 * h,
-        head=2 * h + vocabulary * h,  # final norm and the untied, bias-free logits
-        layers=spec.layers,
-        width=h,
-        sequence_length=spec.sequence_length,
-        vocabulary_size=vocabulary,
-    )
 
 
 @dataclass(frozen=True)
@@ -126,10 +67,10 @@ def model_state_bytes(
 def activation_bytes_per_layer(
     size: ModelSize, micro_batch_size: int, precision: str, checkpointing: bool
 ) -> float:
-    """Activations one transformer block keeps for backward, per micro-batch (on one
-    tensor-parallel rank of `size`)."""
-    scale = VALUE_BYTES[precision] / 2  # the paper's figures are for 16-bit activations
-    per_token = (2 if checkpointing else 10 + 24 / size.tensor_parallel) * size.width
+    """Activations one block keeps for backward, per micro-batch (on one tensor-parallel rank
+    of `size`)."""
+    scale = VALUE_BYTES[precision] / 2  # the sizes are for 16-bit activations
+    per_token = size.activation_per_token(checkpointing)
     return scale * per_token * size.sequence_length * micro_batch_size
 
 

@@ -14,8 +14,9 @@ import itertools
 from dataclasses import asdict, dataclass
 
 from shipyard.errors import PlacementError, ResourceError
+from shipyard.models import model_family
 from shipyard.plan.devices import DeviceGroup, device_groups, fastest_first, speed
-from shipyard.plan.memory import GIB, model_size
+from shipyard.plan.memory import GIB
 from shipyard.plan.partition import split_evenly
 from shipyard.plan.search import Layout, Scored, Workload, score, slot_problem
 from shipyard.spec.cluster import ClusterSpec, labels_match
@@ -229,14 +230,16 @@ def candidates(
     uniform layout (even layers and batches) and one that must use the whole cluster.
     """
     train = job.train
+    family = model_family(job.model)
     work = Workload(
-        model_size(job.model),
+        family.size(),
         train.global_batch_size
         or train.micro_batch_size * train.gradient_accumulation * train.data_parallel_size,
         train.precision,
         job.model.activation_checkpointing,
         even_splits,
-        tensor_parallel_options(job),
+        family.tensor_parallel_widths(),
+        family.layers if family.layout_problem(2, 1) is None else 1,
     )
     groups = device_groups(cluster, train)
     if profiles:
@@ -311,7 +314,7 @@ def _auto_layouts(groups, work: Workload, every_device: bool) -> list[Layout]:
         chosen = tuple(groups[:k])
         devices = sum(group.count for group in chosen)
         for stages, tp in itertools.product(_divisors(devices), work.tensor_parallel_options):
-            if stages > work.size.layers or devices % (stages * tp):
+            if stages > min(work.size.layers, work.max_pipeline_stages) or devices % (stages * tp):
                 continue
             if slot_problem(chosen, tp):  # a layout that could never place its groups
                 continue
@@ -330,12 +333,6 @@ def _zero_choices(stages: int, tensor_parallel: int) -> tuple[int, ...]:
     if stages > 1:
         return (0, 1)
     return (0, 1, 2) if tensor_parallel > 1 else (0, 1, 2, 3)
-
-
-def tensor_parallel_options(job: JobSpec) -> tuple[int, ...]:
-    """Tensor-parallel widths the model splits into: dividing its heads and vocabulary."""
-    model = job.model
-    return tuple(t for t in _divisors(model.heads) if model.vocabulary_size % t == 0)
 
 
 def _offload_choices(zero: int) -> list[tuple[bool, bool]]:
@@ -445,7 +442,7 @@ def _nothing_fits(job: JobSpec, cluster: ClusterSpec, ranked: list[Candidate]) -
                 "or raise train.zero_stage / turn on offload / lower train.micro_batch_size."
             )
             return " ".join(lines)
-    size = model_size(job.model)
+    size = model_family(job.model).size()
     states = 16 * size.total / GIB
     biggest = max(device_groups(cluster, job.train), key=lambda g: g.usable_gib)
     needed = int(states // biggest.usable_gib) + 1
@@ -472,7 +469,7 @@ def _as_written(job: JobSpec) -> ParallelPlan:
         device="cuda" if train.gpus_per_worker > 0 else "cpu",
         cpus_per_worker=train.cpus_per_worker,
         gpus_per_worker=train.gpus_per_worker,
-        layers_per_stage=split_evenly(job.model.layers, train.pipeline_stages),
+        layers_per_stage=split_evenly(model_family(job.model).layers, train.pipeline_stages),
         tensor_parallel=train.tensor_parallel,
     )
 

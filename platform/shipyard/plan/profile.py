@@ -55,8 +55,12 @@ def profile_key(device: str, threads: int, precision: str, block: str) -> str:
 
 
 def block_shape(job: JobSpec) -> str:
-    model = job.model
-    return f"w{model.width}-h{model.heads}-s{model.sequence_length}"
+    """What a profile is valid for: the model family, its block's width and size, the
+    sequence length."""
+    from shipyard.models import model_family
+
+    size = model_family(job.model).size()
+    return f"{job.model.type}-w{size.width}-p{size.block}-s{size.sequence_length}"
 
 
 def cache_folder() -> Path:
@@ -122,15 +126,17 @@ def block_seconds(job: JobSpec, where: str, threads: int) -> dict[int, float]:
     from a neighbour hits them alike."""
     import torch
 
-    from shipyard.models.gpt import Block
+    from shipyard.models import model_family
 
+    family = model_family(job.model)
+    size = family.size()
     dtype = torch_dtype(job.train.precision)
     previous_threads = torch.get_num_threads()
     if where == "cpu":
         torch.set_num_threads(threads)
     try:
-        block = Block(job.model, seed=0).to(device=where, dtype=dtype)
-        shape = (job.model.sequence_length, job.model.width)
+        block = family.block(seed=0).to(device=where, dtype=dtype)
+        shape = (size.sequence_length, size.width)
         inputs = {
             micro: torch.randn((micro, *shape), device=where, dtype=dtype, requires_grad=True)
             for micro in MICRO_BATCH_SIZES
@@ -162,10 +168,10 @@ def timed(run, where: str) -> float:
 def measured_flops(job: JobSpec, seconds: dict[int, float]) -> tuple[tuple[float, float], ...]:
     """(tokens per micro-batch, FLOP/s reached) of each measured size, in the time model's
     FLOPs, by ascending tokens."""
-    from shipyard.plan.memory import model_size
+    from shipyard.models import model_family
     from shipyard.plan.search import block_flops
 
-    size = model_size(job.model)
+    size = model_family(job.model).size()
     flops_per_token = block_flops(size, checkpointing=False)
     return tuple(
         (micro * size.sequence_length, flops_per_token * micro * size.sequence_length / s)

@@ -48,6 +48,16 @@ class Target:
 def profile_cluster(job: JobSpec, cluster: ClusterSpec) -> tuple[list[DeviceProfile], list[str]]:
     """Profiles of `cluster`'s node types that have real devices up in the joined Ray cluster,
     and a line for each node type skipped, saying why."""
+    from shipyard.errors import SpecError
+    from shipyard.models import model_family
+
+    if model_family(job.model).block(seed=0) is None:
+        raise SpecError(
+            f"job {job.name}: --profile times one block of the model, and this model has no "
+            "block Shipyard can run alone (a Hugging Face architecture without a piece adapter, "
+            "or a factory module that is not an nn.Sequential). The plan uses the catalog's "
+            "speeds. To fix: plan without --profile."
+        )
     targets, skipped = profile_targets(job, cluster, ray.nodes())
     return [profile_node_type(job, target) for target in targets], skipped
 
@@ -129,7 +139,8 @@ def _time_on_worker(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from shipyard.models.gpt import GPT, language_model_loss
+    from shipyard.models import model_family
+    from shipyard.models.loss import language_model_loss
     from shipyard.plan.plan import make_plan
     from shipyard.train.deepspeed_config import deepspeed_config
 
@@ -145,11 +156,12 @@ def _time_on_worker(config: dict[str, Any]) -> None:
     dist.barrier()
 
     micro = job.train.micro_batch_size
-    vocabulary, length = job.model.vocabulary_size, job.model.sequence_length
+    family = model_family(job.model)
+    vocabulary, length = family.vocabulary_size, job.model.sequence_length
     tokens = torch.randint(0, vocabulary, (micro, length + 1), device=where)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    plain = GPT(job.model, job.train.seed).to(where, torch_dtype(job.train.precision))
-    model = GPT(job.model, job.train.seed)
+    plain = family.build(job.train.seed).to(where, torch_dtype(job.train.precision))
+    model = family.build(job.train.seed)
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=model.parameters(),

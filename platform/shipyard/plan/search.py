@@ -8,7 +8,7 @@ tensor parallelism t every cell of the grid is a slot of t like devices on one n
 split each layer between them.
 
 Time model per optimizer step:
-- compute: training FLOPs (6 per parameter per token, plus attention; 8 with recomputation)
+- compute: training FLOPs (3× the model's forward FLOPs per token, 4× with recomputation)
   ÷ the device's achieved TFLOPs, waiting for the slowest rank of every micro-step;
 - pipeline: 1F1B keeps p - 1 micro-steps of bubble, and sends activations between stages;
 - gradients: a ring all-reduce (ZeRO's reduce-scatter + all-gather moves the same bytes; ZeRO-3
@@ -135,6 +135,7 @@ class Workload:
     checkpointing: bool
     even_splits: bool = False  # split layers and samples evenly, as if devices were alike
     tensor_parallel_options: tuple[int, ...] = (1,)  # widths the model splits into (auto)
+    max_pipeline_stages: int = 1_000_000  # 1 for a model that cannot be cut into stages
 
 
 def score(layout: Layout, work: Workload) -> Scored | str:
@@ -296,14 +297,13 @@ def _speed(group: DeviceGroup, work: Workload, micro_batch_size: int = 0) -> flo
 
 
 def block_flops(size: ModelSize, checkpointing: bool) -> float:
-    """Training FLOPs of one block per token: 2 per parameter forward plus attention, ×3 (×4
-    when the forward is recomputed)."""
-    forward = 2 * size.block + 4 * size.sequence_length * size.width
-    return forward * (4 if checkpointing else 3)
+    """Training FLOPs of one block per token: its forward (2 per parameter plus attention) ×3,
+    ×4 when the forward is recomputed."""
+    return size.block_flops * (4 if checkpointing else 3)
 
 
 def _head_flops(size: ModelSize) -> float:
-    return 3 * 2 * size.width * size.vocabulary_size
+    return 3 * size.head_flops
 
 
 def _step_time(layout, work, grid, ranks, layers) -> StepTime:

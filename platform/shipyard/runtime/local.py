@@ -47,11 +47,18 @@ def start_local_ray(**init_options) -> None:
     Train V2's placement-group cleaner calls from inside the cluster, has the same flaw: it reads
     RAY_ADDRESS, else that file. So the GCS port is fixed up front and every Ray process started
     here inherits RAY_ADDRESS naming its own cluster; this process's environment is restored.
+    Its workers also find Python modules in the folder Shipyard was started from (a model
+    factory next to the job), as `python -m` would.
     """
     import ray
 
     address = f"{ray.util.get_node_ip_address()}:{free_port(host='')}"
-    pinned = {"RAY_GCS_SERVER_PORT": address.rsplit(":", 1)[1], "RAY_ADDRESS": address}
+    python_path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
+    pinned = {
+        "RAY_GCS_SERVER_PORT": address.rsplit(":", 1)[1],
+        "RAY_ADDRESS": address,
+        "PYTHONPATH": python_path,
+    }
     saved = {name: os.environ.get(name) for name in pinned}
     os.environ.update(pinned)
     try:

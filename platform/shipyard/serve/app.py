@@ -1,4 +1,4 @@
-"""The Ray Serve application: an HTTP API over `TextGenerator`, batched and health-checked.
+"""The Ray Serve application: an HTTP API over the model's generator, batched and health-checked.
 
 Batching has two stages: `@serve.batch` groups requests that arrive within
 `batch_wait_timeout_s`, and `ContinuousBatcher` lets each group join the sequences already
@@ -21,9 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 
+from shipyard.models.sampling import BrokenModelError, GenerationRequest
 from shipyard.serve.batching import ContinuousBatcher, Generated
-from shipyard.serve.export import load_exported_model, read_export
-from shipyard.serve.generation import BrokenModelError, GenerationRequest, TextGenerator
+from shipyard.serve.export import load_generator, read_export
 from shipyard.spec.job import ServeSpec
 
 DEPLOYMENT_NAME = "ShipyardModel"
@@ -80,9 +80,7 @@ class ModelServer:
         spec = ServeSpec.model_validate(serve_spec)
         self.export = read_export(export_folder)
         device = "cuda" if spec.gpus_per_replica > 0 else "cpu"
-        self.generator = TextGenerator(
-            load_exported_model(self.export, device), self.export.model.sequence_length
-        )
+        self.generator = load_generator(self.export, device)
         self.generator.check()
         self.batcher = ContinuousBatcher(self.generator, spec.max_batch_size)
         self.default_max_new_tokens = spec.default_max_new_tokens
@@ -100,7 +98,7 @@ class ModelServer:
             "prompt_tokens": len(request.prompt),
             "completion_tokens": len(generated.tokens),
             "seed": request.seed,
-            "finish_reason": "length",
+            "finish_reason": "stop" if generated.stopped else "length",
             "batch_size": generated.batch_size,
             "replica": self.replica,
         }

@@ -3,7 +3,7 @@
 With plain static batching, a request that arrives while a batch is decoding waits for the whole
 batch to finish, and under a closed-loop load the batches split into two alternating halves.
 Here every decode step serves whatever is running, new requests are prefilled and join at the
-next step, and finished ones leave at once. Because `TextGenerator` computes every row
+next step, and finished ones leave at once. Because the generators compute every row
 independently, a request's tokens are the same whoever it shares steps with.
 """
 
@@ -12,21 +12,25 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
-from shipyard.serve.generation import GenerationRequest, Sequence, TextGenerator
+from shipyard.models.family import Generator
+from shipyard.models.sampling import GenerationRequest
 
 
 @dataclass(frozen=True)
 class Generated:
-    """A finished request: its new tokens and the most sequences it shared a step with."""
+    """A finished request: its new tokens, the most sequences it shared a step with, and
+    whether it stopped at the model's end token (else at its token limit)."""
 
     tokens: list[int]
     batch_size: int
+    stopped: bool = False
 
 
 @dataclass
 class _Running:
-    sequence: Sequence
+    sequence: Any  # the generator's own Sequence
     result: asyncio.Future[Generated]
     batch_size: int = 1
 
@@ -37,7 +41,7 @@ class ContinuousBatcher:
     Each step runs synchronously on the loop; between steps the loop takes in new requests.
     """
 
-    def __init__(self, generator: TextGenerator, max_batch_size: int):
+    def __init__(self, generator: Generator, max_batch_size: int):
         self.generator = generator
         self.max_batch_size = max_batch_size
         self._waiting: deque[tuple[GenerationRequest, asyncio.Future[Generated]]] = deque()
@@ -93,7 +97,9 @@ class ContinuousBatcher:
             if running.result.cancelled():
                 continue  # the client went away
             if running.sequence.done:
-                running.result.set_result(Generated(running.sequence.produced, running.batch_size))
+                sequence = running.sequence
+                generated = Generated(sequence.produced, running.batch_size, sequence.stopped)
+                running.result.set_result(generated)
             else:
                 still_running.append(running)
         self._running = still_running

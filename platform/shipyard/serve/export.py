@@ -1,8 +1,14 @@
-"""One safetensors file per checkpoint: what serving replicas load instead of DeepSpeed's pickles.
+"""A checkpoint consolidated into a Hugging Face folder: what `transformers`, vLLM or Ray Serve
+LLM open, and what Shipyard's serving replicas load instead of DeepSpeed's pickles.
+
+Whatever the training layout (ZeRO shards, pipeline stages, tensor-parallel shards), the
+checkpoint is gathered into one state dict named as the whole model's, and the model's family
+writes it as config.json, generation_config.json and safetensors (sharded with an index when
+large). A manifest, shipyard-export.json, records the job, the step, the model spec and every
+file's SHA-256; a replica checks the files against it before it loads them.
 
 DeepSpeed's files are pickles (`torch.load(weights_only=False)`): loading one runs whatever code
-it holds. The export is made once, by the user who owns the checkpoint, and every replica then
-loads only tensors from the safetensors file, checked against the SHA-256 in its manifest.
+it holds. The export is made once, by the user who owns the checkpoint.
 """
 
 from __future__ import annotations
@@ -20,17 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import TypeAdapter
 
 from shipyard.errors import ShipyardError
-from shipyard.models.gpt import GPT
+from shipyard.models import model_family
 from shipyard.models.tensor_parallel import join_shards
-from shipyard.spec.job import ModelSpec
+from shipyard.spec.model import ModelSpec
 from shipyard.train.checkpoint import CHECKPOINT_TAG, SavedCheckpoint
 
 EXPORT_FOLDER = "export"
-WEIGHTS_FILE = "model.safetensors"
-MANIFEST_FILE = "model.json"
+MANIFEST_FILE = "shipyard-export.json"
 _PIPELINE_LAYER_FILE = re.compile(r"layer_(\d+)(?:-model_(\d+))?-model_states\.pt")
+_MODEL_SPEC = TypeAdapter(ModelSpec)
 
 
 class ExportError(ShipyardError):
@@ -39,17 +46,19 @@ class ExportError(ShipyardError):
 
 @dataclass(frozen=True)
 class ExportedModel:
-    """A consolidated model on disk: its weights file and what it is."""
+    """A consolidated model on disk: what it is, and its files with their SHA-256."""
 
     folder: Path
     job_name: str
     step: int
-    model: ModelSpec
-    sha256: str
+    model: Any  # the job's model spec
+    files: dict[str, str]  # weight (and index) file -> SHA-256
 
     @property
-    def weights(self) -> Path:
-        return self.folder / WEIGHTS_FILE
+    def sha256(self) -> str:
+        """One digest of all the weight files (the export's identity)."""
+        lines = "".join(f"{name}:{digest}\n" for name, digest in sorted(self.files.items()))
+        return hashlib.sha256(lines.encode()).hexdigest()
 
     def describe(self) -> dict[str, Any]:
         """The public facts about this model, as `GET /v1/model` returns them."""
@@ -64,37 +73,31 @@ class ExportedModel:
 def export_checkpoint(checkpoint: SavedCheckpoint) -> ExportedModel:
     """The checkpoint's export, consolidating its shards the first time it is asked for.
 
-    The export is written into a temporary folder and renamed into place, so a crash never
-    leaves a half-written export that looks complete. `checkpoint` must be on this machine
-    (`local_copy` downloads one from S3).
+    `checkpoint` must be on this machine (`local_copy` downloads one from S3).
     """
     target = Path(checkpoint.path) / EXPORT_FOLDER
     if (target / MANIFEST_FILE).is_file():
         return read_export(target)
-    spec = ModelSpec.model_validate(checkpoint.job["model"])
-    state = consolidated_state_dict(checkpoint)
-    _check_matches_model(state, spec, Path(checkpoint.path))
+    spec = _MODEL_SPEC.validate_python(checkpoint.job["model"])
+    state = consolidated_state_dict(checkpoint, spec)
     return write_export(target, state, spec, checkpoint.job["name"], checkpoint.step)
 
 
 def write_export(
-    target: Path, state: dict[str, torch.Tensor], spec: ModelSpec, job_name: str, step: int
+    target: Path, state: dict[str, torch.Tensor], spec: Any, job_name: str, step: int
 ) -> ExportedModel:
-    """Write weights and manifest to a temporary folder beside `target`, then rename it into place.
-
-    If `target` appears meanwhile (another process exported the same checkpoint), theirs is kept.
-    """
-    from safetensors.torch import save
-
-    weights = save(state)
+    """The family writes the folder in a staging folder beside `target`; the manifest goes last
+    and the folder is renamed into place, so a crash never leaves a half-written export that
+    looks complete. If `target` appears meanwhile (another process exported the same
+    checkpoint), theirs is kept."""
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent))
     try:
-        (staging / WEIGHTS_FILE).write_bytes(weights)
+        files = model_family(spec).export(state, staging)
         manifest = {
             "job": job_name,
             "step": step,
             "model": spec.model_dump(mode="json"),
-            "sha256": hashlib.sha256(weights).hexdigest(),
+            "files": {name: _sha256(staging / name) for name in files},
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
         os.rename(staging, target)
@@ -107,7 +110,7 @@ def write_export(
 
 
 def read_export(folder: str | os.PathLike[str]) -> ExportedModel:
-    """The manifest of an export folder (the weights are checked when they are loaded)."""
+    """The manifest of an export folder (the files are checked when they are loaded)."""
     manifest_file = Path(folder) / MANIFEST_FILE
     if not manifest_file.is_file():
         raise ExportError(f"{folder}: no {MANIFEST_FILE}; this is not a Shipyard export folder.")
@@ -116,36 +119,45 @@ def read_export(folder: str | os.PathLike[str]) -> ExportedModel:
         folder=Path(folder),
         job_name=manifest["job"],
         step=int(manifest["step"]),
-        model=ModelSpec.model_validate(manifest["model"]),
-        sha256=manifest["sha256"],
+        model=_MODEL_SPEC.validate_python(manifest["model"]),
+        files=dict(manifest["files"]),
     )
 
 
-def load_exported_model(export: ExportedModel, device: str = "cpu") -> GPT:
-    """The GPT with the exported weights, after checking the file's SHA-256."""
-    from safetensors.torch import load
-
-    data = export.weights.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != export.sha256:
-        raise ExportError(
-            f"{export.weights}: SHA-256 {digest[:12]}… does not match the manifest's "
-            f"{export.sha256[:12]}…; the file is corrupt or was replaced. To fix: delete "
-            f"{export.folder} and serve again to re-export it."
-        )
-    model = GPT(export.model, seed=0)
-    model.load_state_dict(load(data))
-    return model.to(device).eval()
+def verify(export: ExportedModel) -> None:
+    """Raise ExportError unless every weight file matches the manifest's SHA-256."""
+    for name, expected in export.files.items():
+        path = export.folder / name
+        digest = _sha256(path) if path.is_file() else "missing"
+        if digest != expected:
+            raise ExportError(
+                f"{path}: SHA-256 {digest[:12]}… does not match the manifest's {expected[:12]}…; "
+                f"the file is corrupt or was replaced. To fix: delete {export.folder} and serve "
+                "again to re-export it."
+            )
 
 
-def consolidated_state_dict(checkpoint: SavedCheckpoint) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of the GPT, named as `GPT.state_dict()`, from any training layout."""
+def load_exported_model(export: ExportedModel, device: str = "cpu") -> torch.nn.Module:
+    """The exported model (token ids to logits), after checking its files."""
+    verify(export)
+    return model_family(export.model).load_module(export.folder, device).eval()
+
+
+def load_generator(export: ExportedModel, device: str = "cpu"):
+    """What a replica decodes with, after checking the export's files."""
+    verify(export)
+    return model_family(export.model).load_for_serving(export.folder, device)
+
+
+def consolidated_state_dict(checkpoint: SavedCheckpoint, spec: Any) -> dict[str, torch.Tensor]:
+    """Full fp32 weights named as the whole model's state dict, from any training layout."""
     folder = Path(checkpoint.path) / CHECKPOINT_TAG
     if not folder.is_dir():
         raise ExportError(f"{checkpoint.path}: no {CHECKPOINT_TAG}/ folder; not a checkpoint.")
+    sharding = model_family(spec).sharding
     tensor_parallel = checkpoint.plan.get("tensor_parallel", 1)
     if checkpoint.plan["pipeline_stages"] > 1:
-        state = _from_pipeline_layers(folder)
+        state = _from_pipeline_layers(folder, sharding)
     elif checkpoint.plan["zero_stage"] == 0 or tensor_parallel > 1:
         # Below ZeRO-3 every tensor-parallel rank's file holds its whole share of the model.
         # (Under bf16 that is the bf16 copy; ZeRO's fp32 master is not consolidated per shard.)
@@ -153,16 +165,17 @@ def consolidated_state_dict(checkpoint: SavedCheckpoint) -> dict[str, torch.Tens
             [
                 _torch_load(folder / f"mp_rank_{rank:02d}_model_states.pt")["module"]
                 for rank in range(tensor_parallel)
-            ]
+            ],
+            sharding,
         )
     else:
         state = _from_zero_partitions(Path(checkpoint.path))
     return {name: tensor.detach().float().contiguous() for name, tensor in state.items()}
 
 
-def _from_pipeline_layers(folder: Path) -> dict[str, torch.Tensor]:
-    """Pipeline stages save one file per layer and tensor-parallel rank, numbered as the GPT's
-    layers are."""
+def _from_pipeline_layers(folder: Path, sharding) -> dict[str, torch.Tensor]:
+    """Pipeline stages save one file per layer and tensor-parallel rank, numbered as the whole
+    model's layers are."""
     by_rank: dict[int, dict[str, torch.Tensor]] = {}
     for file in sorted(folder.iterdir()):
         match = _PIPELINE_LAYER_FILE.fullmatch(file.name)
@@ -170,7 +183,7 @@ def _from_pipeline_layers(folder: Path) -> dict[str, torch.Tensor]:
             rank = int(match.group(2) or 0)
             for name, tensor in _torch_load(file).items():
                 by_rank.setdefault(rank, {})[f"layers.{int(match.group(1))}.{name}"] = tensor
-    return join_shards([by_rank[rank] for rank in sorted(by_rank)])
+    return join_shards([by_rank[rank] for rank in sorted(by_rank)], sharding)
 
 
 def _from_zero_partitions(checkpoint_folder: Path) -> dict[str, torch.Tensor]:
@@ -187,16 +200,9 @@ def _torch_load(file: Path) -> Any:
     return torch.load(file, map_location="cpu", weights_only=False)
 
 
-def _check_matches_model(state: dict[str, torch.Tensor], spec: ModelSpec, source: Path) -> None:
-    expected = {
-        name: tuple(tensor.shape) for name, tensor in GPT(spec, seed=0).state_dict().items()
-    }
-    found = {name: tuple(tensor.shape) for name, tensor in state.items()}
-    if found != expected:
-        missing = sorted(expected.keys() - found.keys())
-        unexpected = sorted(found.keys() - expected.keys())
-        raise ExportError(
-            f"{source}: the checkpoint's weights do not fit the model in its shipyard.json "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}). To fix: serve a checkpoint "
-            "written by this version of Shipyard."
-        )
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -8,37 +8,20 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-BYTE_VOCABULARY = 256  # the corpus is tokenized as raw bytes
+from shipyard.spec.model import (
+    BYTE_VOCABULARY,
+    GptModelSpec,
+    ModelSpec,
+    Strict,
+    divisors,
+    with_default_type,
+)
+
+__all__ = ["BYTE_VOCABULARY", "GptModelSpec", "JobSpec", "ModelSpec"]
+
 PYTHON_STDLIB = "python-stdlib"
-
-
-class Strict(BaseModel):
-    """Base for spec sections: unknown keys are errors, values are frozen once validated."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelSpec(Strict):
-    """A decoder-only transformer (GPT) built from these numbers; no weights are downloaded."""
-
-    layers: int = Field(4, ge=1)
-    heads: int = Field(4, ge=1)
-    width: int = Field(128, ge=8)
-    sequence_length: int = Field(128, ge=8)
-    vocabulary_size: int = Field(BYTE_VOCABULARY, ge=BYTE_VOCABULARY)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    activation_checkpointing: bool = False
-
-    @model_validator(mode="after")
-    def _heads_divide_width(self) -> ModelSpec:
-        if self.width % self.heads:
-            raise ValueError(
-                f"model.heads: {self.heads} does not divide model.width {self.width}. "
-                f"To fix: pick heads from {_divisors(self.width)}, or change the width."
-            )
-        return self
 
 
 class DataSpec(Strict):
@@ -322,7 +305,7 @@ class JobSpec(Strict):
     """One job: what model, on what data, trained how, saved where."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-    model: ModelSpec = ModelSpec()
+    model: ModelSpec = GptModelSpec()
     data: DataSpec = DataSpec()
     train: TrainSpec = TrainSpec()
     storage: str = Field(
@@ -341,25 +324,15 @@ class JobSpec(Strict):
     serve: ServeSpec = ServeSpec()
     sweep: SweepSpec | None = None
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _gpt_by_default(cls, document: Any) -> Any:
+        return with_default_type(document)
+
     @model_validator(mode="after")
     def _fits_the_model(self) -> JobSpec:
-        if self.train.pipeline_stages > self.model.layers:
-            raise ValueError(
-                f"train.pipeline_stages: {self.train.pipeline_stages} is more than "
-                f"model.layers {self.model.layers}; every stage needs at least one layer. "
-                f"To fix: use at most {self.model.layers} stages."
-            )
-        tp = self.train.tensor_parallel
-        for field_name, value in (
-            ("heads", self.model.heads),
-            ("vocabulary_size", self.model.vocabulary_size),
-        ):
-            if value % tp:
-                raise ValueError(
-                    f"train.tensor_parallel: {tp} does not divide model.{field_name} {value}; "
-                    f"each rank holds an equal share of it. To fix: use a tensor_parallel from "
-                    f"{_divisors(value)}, or change model.{field_name}."
-                )
+        if isinstance(self.model, GptModelSpec):
+            _check_gpt_layout(self.model, self.train)
         for field_name in ("storage", "artifacts"):
             location = getattr(self, field_name)
             if location and "://" in location and not _is_s3_bucket(location):
@@ -370,6 +343,25 @@ class JobSpec(Strict):
         if self.sweep is not None:
             _check_sweep_cadence(self.sweep, self.train)
         return self
+
+
+def _check_gpt_layout(model: GptModelSpec, train: TrainSpec) -> None:
+    """The built-in GPT's layers, heads and vocabulary against the parallel layout (other
+    families are checked when the job is loaded, from their config)."""
+    if train.pipeline_stages > model.layers:
+        raise ValueError(
+            f"train.pipeline_stages: {train.pipeline_stages} is more than model.layers "
+            f"{model.layers}; every stage needs at least one layer. To fix: use at most "
+            f"{model.layers} stages."
+        )
+    tp = train.tensor_parallel
+    for field_name, value in (("heads", model.heads), ("vocabulary_size", model.vocabulary_size)):
+        if value % tp:
+            raise ValueError(
+                f"train.tensor_parallel: {tp} does not divide model.{field_name} {value}; "
+                f"each rank holds an equal share of it. To fix: use a tensor_parallel from "
+                f"{divisors(value)}, or change model.{field_name}."
+            )
 
 
 def _is_s3_bucket(uri: str) -> bool:
@@ -405,7 +397,3 @@ def _check_sweep_cadence(sweep: SweepSpec, train: TrainSpec) -> None:
             f"train.max_steps {train.max_steps}, so no trial could be stopped early. To fix: "
             f"use a grace period below {train.max_steps} steps."
         )
-
-
-def _divisors(number: int) -> list[int]:
-    return [d for d in range(1, number + 1) if number % d == 0]

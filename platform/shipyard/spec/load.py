@@ -21,18 +21,29 @@ Spec = TypeVar("Spec", bound=BaseModel)
 
 
 def load_job(path: str | os.PathLike[str]) -> JobSpec:
-    """Read and validate a job spec file; relative storage and artifacts folders resolve
-    against the cwd."""
-    job = validate(JobSpec, read_yaml(path), source=str(path))
+    """Read and validate a job spec file; relative folders (storage, artifacts, a model's
+    path) resolve against the cwd."""
+    job = _absolute_paths(validate(JobSpec, read_yaml(path), source=str(path)))
+    from shipyard.models import check_model  # the model families build on the spec
+
+    check_model(job, str(path))
     if job.sweep is not None:
         from shipyard.sweep.search_space import check_sweep  # it builds on this module
 
         check_sweep(job, str(path))
-    resolved = {
+    return job
+
+
+def _absolute_paths(job: JobSpec) -> JobSpec:
+    resolved: dict[str, Any] = {
         field: str(Path(location).expanduser().resolve())
         for field, location in (("storage", job.storage), ("artifacts", job.artifacts))
         if location and not is_remote(location)
     }
+    model_path = getattr(job.model, "path", None)
+    if model_path and not is_remote(model_path):
+        absolute = str(Path(model_path).expanduser().resolve())
+        resolved["model"] = job.model.model_copy(update={"path": absolute})
     return job.model_copy(update=resolved)
 
 
@@ -72,11 +83,11 @@ def validate(model: type[Spec], document: dict[str, Any], source: str) -> Spec:
 
 def describe(model: type[BaseModel], problem: dict[str, Any]) -> str:
     """One pydantic error as 'field: what is wrong. To fix: …'."""
-    location = [str(part) for part in problem["loc"]]
+    location, sections = _walk(model, [str(part) for part in problem["loc"]])
     field = ".".join(location)
     kind = problem["type"]
     if kind == "extra_forbidden":
-        return _unknown_field(model, location)
+        return _unknown_field(sections[-2] if len(sections) > 1 else None, location)
     if kind == "missing":
         return f"{field}: is required but missing. To fix: add it."
     if kind == "value_error":
@@ -85,11 +96,37 @@ def describe(model: type[BaseModel], problem: dict[str, Any]) -> str:
     if kind == "literal_error":
         allowed = problem["ctx"]["expected"].replace("'", "")
         return f"{field}: {problem['input']!r} is not allowed ({allowed})."
+    if kind == "union_tag_invalid":
+        tag, allowed = problem["ctx"]["tag"], problem["ctx"]["expected_tags"].replace("'", "")
+        guess = difflib.get_close_matches(str(tag), allowed.split(", "), n=1, cutoff=0.6)
+        hint = f" Did you mean '{guess[0]}'?" if guess else ""
+        return f"{field}.type: {tag!r} is not allowed ({allowed}).{hint}"
     return f"{field}: {problem['input']!r} is not valid: {_lowercase_first(problem['msg'])}."
 
 
-def _unknown_field(model: type[BaseModel], location: list[str]) -> str:
-    parent = spec_section(model, location[:-1])
+def _walk(model: type[BaseModel], location: list[str]) -> tuple[list[str], list[Any]]:
+    """The location without the tags pydantic adds inside a tagged union (`model.huggingface.
+    config` is the user's `model.config`), and the spec class (or None) at each step."""
+    path: list[str] = []
+    sections: list[Any] = [model]
+    index = 0
+    while index < len(location):
+        name = location[index]
+        current = sections[-1]
+        field = current.model_fields.get(name) if current is not None else None
+        members = _sections(field.annotation) if field else []
+        path.append(name)
+        tagged = {_tag(member): member for member in members}
+        if len(members) > 1 and index + 1 < len(location) and location[index + 1] in tagged:
+            sections.append(tagged[location[index + 1]])
+            index += 2
+            continue
+        sections.append(members[0] if members else None)
+        index += 1
+    return path, sections
+
+
+def _unknown_field(parent: type[BaseModel] | None, location: list[str]) -> str:
     key = location[-1]
     field = ".".join(location)
     allowed = list(parent.model_fields) if parent else []
@@ -102,26 +139,38 @@ def _unknown_field(model: type[BaseModel], location: list[str]) -> str:
     )
 
 
-def spec_section(model: type[BaseModel], path: list[str]) -> type[BaseModel] | None:
-    """The spec class found by walking `path` down from `model`, if it is one."""
+def spec_section(
+    model: type[BaseModel], path: list[str], instance: BaseModel | None = None
+) -> type[BaseModel] | None:
+    """The spec class found by walking `path` down from `model`, if it is one. Where a field
+    may hold one of several sections (`model:`), `instance` says which one it holds."""
     current: type[BaseModel] = model
     for name in path:
         field = current.model_fields.get(name)
-        sections = [_as_section(kind) for kind in _kinds(field.annotation if field else None)]
-        found = [section for section in sections if section is not None]
+        found = _sections(field.annotation) if field else []
+        if instance is not None and len(found) > 1:
+            found = [type(getattr(instance, name))]
         if not found:
             return None
         current = found[0]
+        instance = getattr(instance, name, None) if instance is not None else None
     return current
 
 
-def _kinds(annotation: Any) -> tuple[Any, ...]:
-    """The types an annotation allows: `SweepSpec | None` gives (SweepSpec, NoneType)."""
-    return typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+def _sections(annotation: Any) -> list[type[BaseModel]]:
+    """The spec sections a field's annotation allows: `SweepSpec | None` gives [SweepSpec]."""
+    kinds = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+    return [kind for kind in kinds if isinstance(kind, type) and issubclass(kind, BaseModel)]
 
 
-def _as_section(kind: Any) -> type[BaseModel] | None:
-    return kind if isinstance(kind, type) and issubclass(kind, BaseModel) else None
+def _is_union(annotation: Any) -> bool:
+    return isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
+
+
+def _tag(section: type[BaseModel]) -> str | None:
+    field = section.model_fields.get("type")
+    values = typing.get_args(field.annotation) if field else ()
+    return str(values[0]) if values else None
 
 
 def _lowercase_first(text: str) -> str:

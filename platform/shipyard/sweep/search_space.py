@@ -18,7 +18,7 @@ from typing import Any
 from shipyard.errors import SpecError
 from shipyard.spec.job import JobSpec
 from shipyard.spec.load import spec_section, validate
-from shipyard.train.checkpoint import STATE_SHAPING_FIELDS
+from shipyard.train.checkpoint import shapes_state
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 _RANGES = ("uniform", "loguniform", "randint")
@@ -83,7 +83,7 @@ def check_sweep(job: JobSpec, source: str) -> tuple[Dimension, ...]:
                 f"{where}: the {sweep.scheduler} scheduler decides how long trials train, up to "
                 "train.max_steps. To fix: set train.max_steps and leave it out of the space."
             )
-        if sweep.scheduler == "pbt" and dimension.path in STATE_SHAPING_FIELDS:
+        if sweep.scheduler == "pbt" and shapes_state(dimension.path):
             raise SpecError(
                 f"{where}: pbt copies checkpoints between trials, and this field changes the "
                 "checkpoint's shapes or sharding. To fix: search it with scheduler fifo or "
@@ -111,12 +111,13 @@ def parse_search_space(space: Any, base: JobSpec, source: str) -> tuple[Dimensio
             "e.g. {train.lr: {loguniform: [1.0e-4, 3.0e-3]}}."
         )
     dimensions = tuple(_dimension(path, entry, source) for path, entry in space.items())
+    from shipyard.models import check_model
+
     for dimension in dimensions:
-        _check_path(dimension.path, source)
+        _check_path(dimension.path, base, source)
         for value in dimension.extremes():
-            apply_overrides(
-                base, {dimension.path: value}, f"{source}: sweep.space.{dimension.path}"
-            )
+            where = f"{source}: sweep.space.{dimension.path}"
+            check_model(apply_overrides(base, {dimension.path: value}, where), where)
     return dimensions
 
 
@@ -169,12 +170,19 @@ def _check_range(distribution: str, values: list[Any], where: str) -> None:
         raise SpecError(f"{where}: {distribution} bounds must be finite; got {values}.")
 
 
-def _check_path(path: str, source: str) -> None:
-    """Every dotted segment must name a field; a section (model, train, …) is not a leaf."""
+def _check_path(path: str, base: JobSpec, source: str) -> None:
+    """Every dotted segment must name a field; a section (model, train, …) is not a leaf. A
+    mapping field (a Hugging Face model's config, a factory's options) takes any key: the job
+    with each value is checked as a whole."""
     parts = path.split(".")
     for depth, name in enumerate(parts):
-        section = spec_section(JobSpec, parts[:depth])
+        section = spec_section(JobSpec, parts[:depth], base)
         if section is None:
+            parent = _field_value(base, parts[: depth - 1])
+            if isinstance(parent, dict) or isinstance(
+                getattr(parent, parts[depth - 1], None), dict
+            ):
+                return
             raise SpecError(
                 f"{source}: sweep.space.{path}: {parts[depth - 1]} is a field, not a section."
             )
@@ -187,9 +195,16 @@ def _check_path(path: str, source: str) -> None:
                 f"{source}: sweep.space.{path}: {known} has no field {name!r}.{hint} "
                 f"Allowed: {', '.join(fields)}."
             )
-    leaf_section = spec_section(JobSpec, parts)
+    leaf_section = spec_section(JobSpec, parts, base)
     if leaf_section is not None:
         raise SpecError(
             f"{source}: sweep.space.{path}: is a section, not a field. To fix: search one of "
             f"its fields, e.g. {path}.{next(iter(leaf_section.model_fields))}."
         )
+
+
+def _field_value(job: JobSpec, parts: list[str]) -> Any:
+    value: Any = job
+    for name in parts:
+        value = value.get(name) if isinstance(value, dict) else getattr(value, name, None)
+    return value

@@ -14,18 +14,38 @@ CHECKPOINT_TAG = "deepspeed"  # DeepSpeed's tag folder inside every Ray checkpoi
 METADATA_FILE = "shipyard.json"  # job spec, plan and metrics, written by rank 0
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's registry of a run
 
-# Job fields whose change makes a saved DeepSpeed checkpoint unloadable (shapes or sharding).
-STATE_SHAPING_FIELDS = (
-    "model.layers",
-    "model.heads",
-    "model.width",
-    "model.sequence_length",
-    "model.vocabulary_size",
+# Model fields a resumed run may change: they change the computation, not the saved state.
+FREE_MODEL_FIELDS = ("dropout", "activation_checkpointing")
+# Train fields whose change makes a saved DeepSpeed checkpoint unloadable (its sharding).
+STATE_SHAPING_TRAIN_FIELDS = (
     "train.num_workers",
     "train.pipeline_stages",
     "train.tensor_parallel",
     "train.zero_stage",
 )
+
+
+def shapes_state(path: str) -> bool:
+    """Whether the job field at dotted `path` shapes a checkpoint (every model field does but
+    dropout and activation checkpointing: sizes, architecture, weights folder, factory)."""
+    parts = path.split(".")
+    if parts[0] == "model":
+        return len(parts) < 2 or parts[1] not in FREE_MODEL_FIELDS
+    return path in STATE_SHAPING_TRAIN_FIELDS
+
+
+def state_changes(saved: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(field, saved value, new value) for every state-shaping field that differs between two
+    dumped job specs."""
+    changes = []
+    fields = sorted({*saved.get("model", {}), *new.get("model", {})})
+    paths = [f"model.{field}" for field in fields] + list(STATE_SHAPING_TRAIN_FIELDS)
+    for path in paths:
+        section, key = path.split(".")
+        before, after = saved.get(section, {}).get(key), new.get(section, {}).get(key)
+        if shapes_state(path) and before != after:
+            changes.append((path, before, after))
+    return changes
 
 
 @dataclass(frozen=True)

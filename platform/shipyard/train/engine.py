@@ -1,4 +1,4 @@
-"""Building the DeepSpeed engine: the whole GPT for data parallel/ZeRO, stages for pipelines."""
+"""Building the DeepSpeed engine: the whole model for data parallel/ZeRO, stages for pipelines."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ from functools import partial
 from typing import Any
 
 import torch
-from deepspeed.runtime.pipe import LayerSpec, PipelineModule
+from deepspeed.runtime.pipe import PipelineModule
 from torch.optim.lr_scheduler import LambdaLR
 
-from shipyard.models.gpt import GPT, language_model_loss, layer_recipes
+from shipyard.models import model_family
+from shipyard.models.loss import language_model_loss
 from shipyard.models.tensor_parallel import SINGLE, TensorParallel
 from shipyard.plan.plan import ParallelPlan
 from shipyard.spec.job import JobSpec, TrainSpec
@@ -84,42 +85,49 @@ def apply_hyperparameters(engine, train: TrainSpec) -> None:
 
 
 def build_model(job: JobSpec, plan: ParallelPlan, tp: TensorParallel = SINGLE) -> torch.nn.Module:
-    """The GPT whole, or as this rank's pipeline stage with the plan's blocks per stage (either
+    """The model whole, or as this rank's pipeline stage with the plan's blocks per stage (either
     holding this rank's tensor-parallel share)."""
+    family = model_family(job.model)
     if plan.pipeline_stages == 1:
-        return GPT(job.model, job.train.seed, tp)
+        return family.build(job.train.seed, tp)
     from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
 
-    recipes = layer_recipes(job.model, job.train.seed, tp)
+    pipeline = family.pipeline(job.train.seed, tp)
     return PlannedPipeline(
         blocks_per_stage=plan.layers_per_stage,
-        layers=[LayerSpec(cls, *args) for cls, *args in recipes],
+        leading=pipeline.leading,
+        trailing=pipeline.trailing,
+        layers=pipeline.layers,
         num_stages=None if tp.active else plan.pipeline_stages,
         topology=tp.grid.topology() if tp.active else None,
         loss_fn=partial(language_model_loss, tp=tp),
         activation_checkpoint_interval=1 if job.model.activation_checkpointing else 0,
         activation_checkpoint_func=non_reentrant_checkpoint,
-        checkpointable_layers=["Block"],
+        checkpointable_layers=pipeline.checkpointable,
     )
 
 
 class PlannedPipeline(PipelineModule):
-    """A PipelineModule whose stages hold the planned number of transformer blocks.
+    """A PipelineModule whose stages hold the planned number of blocks.
 
     DeepSpeed only splits uniformly or by parameter count; the planner decides per stage (a faster
-    device gets more blocks), so we set the stage boundaries ourselves. The embedding goes with the
-    first stage and the output head with the last.
+    device gets more blocks), so we set the stage boundaries ourselves. The `leading` input pieces
+    (embeddings) go with the first stage and the `trailing` output pieces (norm, head) with the
+    last.
     """
 
-    def __init__(self, blocks_per_stage: tuple[int, ...], **kwargs):
-        self._blocks_per_stage = blocks_per_stage  # read by _partition_layers during __init__
+    def __init__(self, blocks_per_stage: tuple[int, ...], leading: int, trailing: int, **kwargs):
+        # Read by _partition_layers during PipelineModule.__init__.
+        self._blocks_per_stage, self._leading, self._trailing = blocks_per_stage, leading, trailing
         super().__init__(**kwargs)
 
     def _partition_layers(self, method: str = "uniform") -> None:
-        boundaries = [0]
+        boundaries = [0, self._leading]
         for blocks in self._blocks_per_stage:
-            boundaries.append(boundaries[-1] + blocks + (1 if len(boundaries) == 1 else 0))
-        boundaries[-1] += 1  # the head
+            boundaries[-1] += blocks
+            boundaries.append(boundaries[-1])
+        boundaries.pop()
+        boundaries[-1] += self._trailing
         self.parts = boundaries
         stage = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=boundaries[stage], stop=boundaries[stage + 1])

@@ -30,7 +30,7 @@ from shipyard.plan.plan import ParallelPlan, make_plan
 from shipyard.spec.cluster import ClusterSpec
 from shipyard.spec.job import JobSpec
 from shipyard.storage import from_ray_storage, mirrored_file, ray_storage
-from shipyard.train.checkpoint import STATE_SHAPING_FIELDS, latest_checkpoint
+from shipyard.train.checkpoint import latest_checkpoint, state_changes
 from shipyard.train.worker import Fault, train_loop
 
 Metrics = dict[str, Any]
@@ -267,17 +267,15 @@ def check_resumable(job: JobSpec) -> None:
     saved = latest_checkpoint(job.storage, job.name)
     if saved is None:
         return
-    new = job.model_dump(mode="json")
-    for path in STATE_SHAPING_FIELDS:
-        section, key = path.split(".")
-        before, after = saved.job[section].get(key), new[section].get(key)
-        if before != after:
-            raise SpecError(
-                f"{section}.{key}: {after!r} differs from {before!r} in the checkpoint at "
-                f"{saved.path} (step {saved.step}) that job {job.name!r} would resume from. "
-                "To fix: give the job a new name, or change the field back; the saved "
-                "checkpoint is left untouched."
-            )
+    changes = state_changes(saved.job, job.model_dump(mode="json"))
+    if changes:
+        path, before, after = changes[0]
+        raise SpecError(
+            f"{path}: {after!r} differs from {before!r} in the checkpoint at "
+            f"{saved.path} (step {saved.step}) that job {job.name!r} would resume from. "
+            "To fix: give the job a new name, or change the field back; the saved "
+            "checkpoint is left untouched."
+        )
 
 
 def check_enough_data(corpus: Corpus, plan: ParallelPlan, job: JobSpec) -> None:

@@ -29,7 +29,7 @@ from shipyard.data.batches import (
     training_batches,
 )
 from shipyard.errors import PlacementError
-from shipyard.models.gpt import language_model_loss
+from shipyard.models.loss import language_model_loss
 from shipyard.models.tensor_parallel import TensorParallel
 from shipyard.plan.plan import ParallelPlan
 from shipyard.spec.job import JobSpec

@@ -1,4 +1,4 @@
-"""A small GPT built from `ModelSpec`, as a list of layers so DeepSpeed can pipeline it.
+"""A small GPT built from `GptModelSpec`, as a list of layers so DeepSpeed can pipeline it.
 
 Each layer initialises its own weights from `(seed, layer index)`, so the same spec and seed give
 the same model whether it is built whole, split into pipeline stages, sharded by ZeRO-3, or split
@@ -22,11 +22,10 @@ from shipyard.models.tensor_parallel import (
     VocabularyParallelEmbedding,
     attention_dropout_seed,
     mark_sharded,
-    parallel_cross_entropy,
     shard,
     sharding_of,
 )
-from shipyard.spec.job import ModelSpec
+from shipyard.spec.model import GptModelSpec
 
 INIT_STD = 0.02
 
@@ -34,7 +33,7 @@ INIT_STD = 0.02
 class Embedding(nn.Module):
     """Token and learned position embeddings: token ids (batch, seq) → hidden (batch, seq, width)."""
 
-    def __init__(self, spec: ModelSpec, seed: int, tp: TensorParallel = SINGLE):
+    def __init__(self, spec: GptModelSpec, seed: int, tp: TensorParallel = SINGLE):
         super().__init__()
         self.tokens = VocabularyParallelEmbedding(spec.vocabulary_size, spec.width, tp)
         self.positions = nn.Embedding(spec.sequence_length, spec.width)
@@ -51,7 +50,7 @@ class Block(nn.Module):
 
     Under tensor parallelism this rank holds heads/tp heads and 4·width/tp MLP units."""
 
-    def __init__(self, spec: ModelSpec, seed: int, tp: TensorParallel = SINGLE):
+    def __init__(self, spec: GptModelSpec, seed: int, tp: TensorParallel = SINGLE):
         super().__init__()
         self.tp = tp
         self.heads = spec.heads // tp.size
@@ -98,7 +97,7 @@ class Head(nn.Module):
     """Final norm and the projection to vocabulary logits (under tensor parallelism, this
     rank's share of the vocabulary: `language_model_loss` never gathers them)."""
 
-    def __init__(self, spec: ModelSpec, seed: int, tp: TensorParallel = SINGLE):
+    def __init__(self, spec: GptModelSpec, seed: int, tp: TensorParallel = SINGLE):
         super().__init__()
         self.norm = nn.LayerNorm(spec.width)
         self.logits = ColumnParallelLinear(spec.width, spec.vocabulary_size, tp, bias=False)
@@ -109,8 +108,8 @@ class Head(nn.Module):
 
 
 def layer_recipes(
-    spec: ModelSpec, seed: int, tp: TensorParallel = SINGLE
-) -> list[tuple[type[nn.Module], ModelSpec, int, TensorParallel]]:
+    spec: GptModelSpec, seed: int, tp: TensorParallel = SINGLE
+) -> list[tuple[type[nn.Module], GptModelSpec, int, TensorParallel]]:
     """(class, spec, seed, tp) for every layer in order; seeds depend only on the layer's index."""
     classes = [Embedding, *[Block] * spec.layers, Head]
     return [(cls, spec, seed * 1_000_003 + index, tp) for index, cls in enumerate(classes)]
@@ -119,7 +118,7 @@ def layer_recipes(
 class GPT(nn.Module):
     """The whole model on one rank (data parallel and ZeRO); pipelines use `layer_recipes`."""
 
-    def __init__(self, spec: ModelSpec, seed: int, tp: TensorParallel = SINGLE):
+    def __init__(self, spec: GptModelSpec, seed: int, tp: TensorParallel = SINGLE):
         super().__init__()
         self.activation_checkpointing = spec.activation_checkpointing
         self.layers = nn.ModuleList(cls(*args) for cls, *args in layer_recipes(spec, seed, tp))
@@ -132,15 +131,6 @@ class GPT(nn.Module):
             else:
                 hidden = layer(hidden)
         return hidden
-
-
-def language_model_loss(
-    logits: torch.Tensor, targets: torch.Tensor, tp: TensorParallel = SINGLE
-) -> torch.Tensor:
-    """Mean next-token cross-entropy, computed in fp32 whatever the training precision."""
-    if tp.active:
-        return parallel_cross_entropy(logits.flatten(0, 1), targets.flatten(), tp)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
 def _initialise(module: nn.Module, seed: int, residual_std: float, tp: TensorParallel) -> None:

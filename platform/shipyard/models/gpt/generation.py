@@ -16,24 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shipyard.models.gpt import GPT, Block, Embedding, Head
+from shipyard.models.gpt.model import GPT, Block, Embedding, Head
+from shipyard.models.sampling import GenerationRequest, choose, finite
 from shipyard.models.tensor_parallel import LINEAR_LAYERS
-from shipyard.spec.job import BYTE_VOCABULARY
-
-
-class BrokenModelError(RuntimeError):
-    """The model produced non-finite logits: its weights are corrupt."""
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One prompt, already tokenized, and how to continue it (temperature 0 is greedy)."""
-
-    prompt: tuple[int, ...]
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_k: int | None = None
-    seed: int = 0
+from shipyard.spec.model import BYTE_VOCABULARY
 
 
 @dataclass
@@ -45,6 +31,7 @@ class Sequence:
     caches: list[torch.Tensor]  # per block: keys and values, (2, heads, context, head_width)
     length: int = 0  # tokens in the cache
     produced: list[int] = field(default_factory=list)
+    stopped: bool = False  # the GPT has no end token: it runs to max_new_tokens
 
     @property
     def done(self) -> bool:
@@ -187,20 +174,8 @@ def _merge_heads(attended: torch.Tensor) -> torch.Tensor:
 
 
 def _finite(logits: torch.Tensor) -> torch.Tensor:
-    if not torch.isfinite(logits).all():
-        raise BrokenModelError("the model produced non-finite logits; its weights are corrupt")
-    return logits
+    return finite(logits)
 
 
 def _choose(logits: torch.Tensor, sequence: Sequence) -> int:
-    """The next token: argmax at temperature 0, else a seeded sample (optionally top-k)."""
-    request = sequence.request
-    logits = logits[:BYTE_VOCABULARY].float().cpu()  # the tokenizer only knows bytes
-    if request.temperature == 0:
-        return int(torch.argmax(logits))
-    logits = logits / request.temperature
-    if request.top_k is not None and request.top_k < logits.numel():
-        threshold = torch.topk(logits, request.top_k).values[-1]
-        logits = logits.masked_fill(logits < threshold, float("-inf"))
-    probabilities = torch.softmax(logits, dim=0)
-    return int(torch.multinomial(probabilities, 1, generator=sequence.generator))
+    return choose(logits, sequence.request, sequence.generator)
