@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.shipyard-setup
-JOB ?= jobs/tiny-gpt.yaml
+JOB ?= jobs/tiny-llama.yaml
 
 .PHONY: setup run test test-unit test-integration lint format bench clean
 

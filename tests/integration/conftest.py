@@ -57,8 +57,6 @@ TINY_LLAMA = {
 }
 
 
-# Tensor parallel 2 on 2 workers: one replica, each rank half of every layer.
-TP2 = {"zero_stage": 1, "tensor_parallel": 2}
 # 3D parallelism on 2 cores: 4 workers, one replica of 2 stages × 2 tensor-parallel shards.
 PP2_TP2 = {
     "zero_stage": 1,

@@ -13,7 +13,7 @@ from shipyard.storage import open_store
 from shipyard.train.checkpoint import latest_checkpoint, local_copy, saved_checkpoints
 from shipyard.train.trainer import run_training
 from shipyard.train.worker import Fault
-from tests.integration.conftest import PP2_TP2, TP2, tiny_job, validation_loss
+from tests.integration.conftest import PP2_TP2, shipped_job, tiny_job, validation_loss
 
 pytestmark = pytest.mark.integration
 
@@ -111,15 +111,16 @@ def test_run_stopped_halfway_resumes_from_s3_to_the_same_loss(layouts, s3, tmp_p
 
 
 def test_a_killed_tensor_parallel_rank_restarts_from_its_shards_on_s3(
-    layouts, runs_dir, s3, tmp_path
+    model_runs, runs_dir, s3, tmp_path
 ):
-    """Tensor parallel 2 (DeepSpeed given the grid as its mpu, ZeRO-1 over one replica) with
-    its checkpoints on S3: rank 1 dies at step 14, the worker group restarts from the step-12
-    checkpoint, each rank loading its own shard back from S3, and the run ends with pipeline
-    2's losses, as one uninterrupted replica would. Its shards then export to the model it
+    """The tiny Llama in 2 tensor-parallel shards (DeepSpeed given the grid as its mpu, ZeRO-1
+    over one replica) with its checkpoints on S3: rank 1 dies at step 14, the worker group
+    restarts from the step-12 checkpoint, each rank loading its own shard back from S3, and the
+    run ends with the uninterrupted run's losses. Its shards then export to the model it
     evaluated."""
-    pipeline = layouts("pipeline2", zero_stage=1, pipeline_stages=2)
-    job = tiny_job("tp2-faulty", f"{s3}/runs", **TP2)
+    layout = {"zero_stage": 1, "tensor_parallel": 2, "micro_batch_size": 8}
+    uninterrupted = model_runs("tiny-llama.yaml", "llama-tp2", pipeline_stages=1, **layout)
+    job = shipped_job("tiny-llama.yaml", "llama-tp2-faulty", f"{s3}/runs", **layout)
     job = job.model_copy(update={"failure": job.failure.model_copy(update={"max_failures": 1})})
     marker = runs_dir / "tp2-fault-happened"
 
@@ -129,10 +130,10 @@ def test_a_killed_tensor_parallel_rank_restarts_from_its_shards_on_s3(
     assert result.final["step"] == 24
     restarted = [row for row in result.history if row.get("resumed_from_step") == 12]
     assert restarted, "the worker group restarted from the step-12 checkpoint on S3"
-    assert losses(result) == pytest.approx(losses(pipeline), rel=1e-3)
+    assert losses(result) == pytest.approx(losses(uninterrupted), rel=1e-5)
     saved = local_copy(latest_checkpoint(job.storage, job.name), tmp_path / "download")
     model = load_exported_model(export_checkpoint(saved))
-    assert validation_loss(model, job) == pytest.approx(result.final["val_loss"], rel=1e-4)
+    assert validation_loss(model, job) == pytest.approx(result.final["val_loss"], rel=1e-5)
 
 
 def test_checkpoints_are_pruned_to_keep_checkpoints(layouts, runs_dir):

@@ -268,5 +268,11 @@ def _summary(console: Console, job, result, args: argparse.Namespace) -> None:
     console.print(f"Checkpoint: {result.checkpoint_path}", highlight=False)
     if final.get("step", 0) < job.train.max_steps:
         console.print(f"Next: shipyard train {args.job}   (continues from this checkpoint)")
-    else:
-        console.print(f"Next: raise train.max_steps in {args.job} and re-run to train further.")
+        return
+    console.print(
+        f"Next: shipyard serve {args.job}   (HTTP on 127.0.0.1:{job.serve.port})\n"
+        f"      shipyard export {args.job} --to models/{job.name}   (a folder transformers "
+        "opens)\n"
+        f"      raise train.max_steps in {args.job} and re-run to train further.",
+        highlight=False,
+    )
