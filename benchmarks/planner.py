@@ -164,9 +164,9 @@ MEASURED_LAYOUTS = {
 def measure_predictions(steps: int = 30) -> None:
     """Predicted (profiled time model) against measured step time for real runs here."""
     from shipyard.plan.plan import make_plan
-    from shipyard.plan.profiler import profile_cluster
     from shipyard.runtime.local import start_local_ray
     from shipyard.spec.cluster import local_cluster
+    from shipyard.train.profiler import profile_cluster
     from shipyard.train.trainer import run_training
 
     storage = tempfile.mkdtemp(prefix="shipyard-planner-bench-")

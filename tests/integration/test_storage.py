@@ -185,3 +185,45 @@ def test_remove_folder_deletes_everything_under_it_and_nothing_beside(where, req
 def test_ray_locations_round_trip(s3, tmp_path):
     for location in (f"{s3}/runs/job", str(tmp_path / "runs")):
         assert from_ray_storage(*ray_storage(location)) == location
+
+
+def test_a_pretrained_folder_on_s3_is_fetched_once_and_again_when_it_changes(
+    s3, tmp_path, monkeypatch
+):
+    """model.path: s3://… is copied into Shipyard's cache and builds the model saved there; a
+    changed object makes a new copy (the old one is never reused for new weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from shipyard.models import model_family
+    from shipyard.spec.job import JobSpec
+
+    monkeypatch.setenv("SHIPYARD_CACHE", str(tmp_path / "cache"))
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=256,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    saved = AutoModelForCausalLM.from_config(config).eval()
+    saved.save_pretrained(tmp_path / "pretrained", max_shard_size="40KB")
+    store = open_store(f"{s3}/models/tiny")
+    for file in (tmp_path / "pretrained").iterdir():
+        store.upload(file, file.name)
+    spec = {"type": "huggingface", "path": f"{s3}/models/tiny", "sequence_length": 16}
+    job = JobSpec.model_validate({"name": "s3-model", "model": spec})
+    family = model_family(job.model)
+    family.check(job.train)
+    tokens = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        built = family.build(seed=0).eval()(tokens)
+        torch.testing.assert_close(built, saved(tokens).logits, atol=1e-5, rtol=1e-5)
+    first = family.resolved.folder
+    assert first.is_relative_to(tmp_path / "cache") and (first / "config.json").is_file()
+
+    store.put_text("config.json", (first / "config.json").read_text().replace("64", "65", 1))
+    changed = model_family(job.model).resolved.folder
+    assert changed != first and first.is_dir(), "a new copy; the old one is left as it was"

@@ -323,7 +323,7 @@ def _node(labels: dict[str, str], cpus: float = 8, gpus: float = 0, alive: bool 
 
 
 def test_profiling_targets_the_node_types_that_are_up_by_their_labels():
-    from shipyard.plan.profiler import profile_targets
+    from shipyard.train.profiler import profile_targets
 
     job = load_job(REPO / "jobs/gpt-1b-hetero.yaml")
     aws = load_cluster(REPO / "cluster/aws_hetero.yaml")
@@ -343,7 +343,7 @@ def test_profiling_targets_the_node_types_that_are_up_by_their_labels():
 
 
 def test_profiling_skips_fake_gpus_and_profiles_this_machine_without_labels():
-    from shipyard.plan.profiler import profile_targets
+    from shipyard.train.profiler import profile_targets
 
     job = load_job(REPO / "jobs/tiny-gpt.yaml")
     fake = load_cluster(REPO / "cluster/fake_hetero.yaml")

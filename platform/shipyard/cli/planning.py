@@ -70,9 +70,9 @@ def _plan(args: argparse.Namespace, console: Console) -> int:
 def _profile(job, cluster, args: argparse.Namespace, console: Console) -> None:
     """Time the job on the cluster joined with --address (else this machine) and cache it."""
     from shipyard.plan.profile import save_profile
-    from shipyard.plan.profiler import profile_cluster
     from shipyard.runtime.local import ray_runtime
     from shipyard.spec.cluster import local_cluster
+    from shipyard.train.profiler import profile_cluster
 
     joined = args.address or os.environ.get("RAY_ADDRESS")
     with ray_runtime(args.address):

@@ -9,30 +9,29 @@ models/gpt/generation.py, batches those without losing that guarantee).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from shipyard.models import sampling
 from shipyard.models.family import logits_of
-from shipyard.models.sampling import GenerationRequest, choose, finite
+from shipyard.models.sampling import (
+    GenerationRequest,
+    check_fits,
+    choose,
+    finite,
+    run_to_completion,
+)
 
 
 @dataclass
-class Sequence:
-    """A request in flight: its sampler, its cache (or its tokens so far), what it produced."""
+class Sequence(sampling.Sequence):
+    """A request in flight with the model's own KV cache (None before the prefill, or for a
+    model without one)."""
 
-    request: GenerationRequest
-    generator: torch.Generator
     cache: Any = None
-    produced: list[int] = field(default_factory=list)
-    stopped: bool = False  # it produced the model's end-of-sequence token
-
-    @property
-    def done(self) -> bool:
-        """True once it stopped, or has all the new tokens it asked for."""
-        return self.stopped or len(self.produced) >= self.request.max_new_tokens
 
 
 class CausalLMGenerator:
@@ -54,19 +53,12 @@ class CausalLMGenerator:
     @torch.inference_mode()
     def generate(self, requests: list[GenerationRequest]) -> list[list[int]]:
         """The new tokens for every request."""
-        sequences = [self.start(request) for request in requests]
-        while active := [sequence for sequence in sequences if not sequence.done]:
-            self.step(active)
-        return [sequence.produced for sequence in sequences]
+        return run_to_completion(self, requests)
 
     @torch.inference_mode()
     def start(self, request: GenerationRequest) -> Sequence:
         """Prefill the prompt and choose the first new token."""
-        if len(request.prompt) + request.max_new_tokens > self.context_length:
-            raise ValueError(
-                f"{len(request.prompt)} prompt tokens + {request.max_new_tokens} new tokens exceed "
-                f"the context length {self.context_length}"
-            )
+        check_fits(request, self.context_length)
         sequence = Sequence(request, torch.Generator(device="cpu").manual_seed(request.seed))
         tokens = torch.tensor([request.prompt], device=self.device)
         self._append(sequence, self._forward(sequence, tokens))

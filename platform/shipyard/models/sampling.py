@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,22 @@ class GenerationRequest:
     seed: int = 0
 
 
+@dataclass
+class Sequence:
+    """A request in flight: its seeded sampler and the tokens it produced so far (each
+    generator adds its own cache)."""
+
+    request: GenerationRequest
+    generator: torch.Generator
+    produced: list[int] = field(default_factory=list)
+    stopped: bool = False  # it produced the model's end-of-sequence token
+
+    @property
+    def done(self) -> bool:
+        """True once it stopped, or has all the new tokens it asked for."""
+        return self.stopped or len(self.produced) >= self.request.max_new_tokens
+
+
 def finite(logits: torch.Tensor) -> torch.Tensor:
     """`logits`, or BrokenModelError if any is NaN or infinite."""
     if not torch.isfinite(logits).all():
@@ -43,3 +59,20 @@ def choose(logits: torch.Tensor, request: GenerationRequest, generator: torch.Ge
         logits = logits.masked_fill(logits < threshold, float("-inf"))
     probabilities = torch.softmax(logits, dim=0)
     return int(torch.multinomial(probabilities, 1, generator=generator))
+
+
+def check_fits(request: GenerationRequest, context_length: int) -> None:
+    """ValueError unless the prompt and the new tokens fit the model's context."""
+    if len(request.prompt) + request.max_new_tokens > context_length:
+        raise ValueError(
+            f"{len(request.prompt)} prompt tokens + {request.max_new_tokens} new tokens exceed "
+            f"the context length {context_length}"
+        )
+
+
+def run_to_completion(generator, requests: list[GenerationRequest]) -> list[list[int]]:
+    """Every request's new tokens: each started, then all stepped together until done."""
+    sequences = [generator.start(request) for request in requests]
+    while active := [sequence for sequence in sequences if not sequence.done]:
+        generator.step(active)
+    return [sequence.produced for sequence in sequences]

@@ -2,8 +2,8 @@
 
 Catalog TFLOPs mislead: published planners' cost models miss by 20–30%. So Shipyard times one
 transformer block, forward and backward, at several micro-batch sizes on each device type
-(`profiler.py` runs the timings in Ray Train workers) and fits the two numbers its time model
-uses for that device:
+(train/profiler.py runs the timings in Ray Train workers: acting stays out of plan/) and fits
+the two numbers its time model uses for that device:
 
     achieved FLOP/s = peak × efficiency × tokens / (tokens + half_efficiency_tokens)
 

@@ -16,27 +16,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shipyard.models import sampling
 from shipyard.models.gpt.model import GPT, Block, Embedding, Head
-from shipyard.models.sampling import GenerationRequest, choose, finite
+from shipyard.models.sampling import (
+    GenerationRequest,
+    check_fits,
+    choose,
+    finite,
+    run_to_completion,
+)
 from shipyard.models.tensor_parallel import LINEAR_LAYERS
 from shipyard.spec.model import BYTE_VOCABULARY
 
 
 @dataclass
-class Sequence:
-    """A request in flight: its sampler, its KV cache and the tokens produced so far."""
+class Sequence(sampling.Sequence):
+    """A request in flight with its own KV cache (the GPT has no end token: it runs to
+    max_new_tokens)."""
 
-    request: GenerationRequest
-    generator: torch.Generator
-    caches: list[torch.Tensor]  # per block: keys and values, (2, heads, context, head_width)
+    # Per block: keys and values, (2, heads, context, head_width).
+    caches: list[torch.Tensor] = field(default_factory=list)
     length: int = 0  # tokens in the cache
-    produced: list[int] = field(default_factory=list)
-    stopped: bool = False  # the GPT has no end token: it runs to max_new_tokens
-
-    @property
-    def done(self) -> bool:
-        """True once it has all the new tokens it asked for."""
-        return len(self.produced) >= self.request.max_new_tokens
 
 
 class TextGenerator:
@@ -59,10 +59,7 @@ class TextGenerator:
     @torch.inference_mode()
     def generate(self, requests: list[GenerationRequest]) -> list[list[int]]:
         """The new tokens for every request, each exactly as if it had been generated alone."""
-        sequences = [self.start(request) for request in requests]
-        while active := [sequence for sequence in sequences if not sequence.done]:
-            self.step(active)
-        return [sequence.produced for sequence in sequences]
+        return run_to_completion(self, requests)
 
     @torch.inference_mode()
     def start(self, request: GenerationRequest) -> Sequence:
@@ -89,11 +86,7 @@ class TextGenerator:
             self._prefill(self._allocate(probe))
 
     def _allocate(self, request: GenerationRequest) -> Sequence:
-        if len(request.prompt) + request.max_new_tokens > self.context_length:
-            raise ValueError(
-                f"{len(request.prompt)} prompt tokens + {request.max_new_tokens} new tokens exceed "
-                f"the context length {self.context_length}"
-            )
+        check_fits(request, self.context_length)
         shape = (2, self.blocks[0].heads, self.context_length, self.blocks[0].head_width)
         return Sequence(
             request=request,

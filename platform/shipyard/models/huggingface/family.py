@@ -14,7 +14,7 @@ materialises and fills only those it holds.
 from __future__ import annotations
 
 import copy
-from functools import cached_property, partial
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -22,36 +22,15 @@ import torch
 from torch import nn
 
 from shipyard.models.export_files import save_weights
-from shipyard.models.family import (
-    PieceStack,
-    PipelineLayers,
-    piece_seed,
-    seeded,
-    stack_names,
-)
+from shipyard.models.family import PieceStack, PipelineLayers, seeded, stack_names
+from shipyard.models.huggingface.building import PieceBuilder
 from shipyard.models.huggingface.config import Resolved, resolve
-from shipyard.models.huggingface.pieces import (
-    ADAPTERS,
-    Adapter,
-    DecoderBlock,
-    Head,
-    LearnedPositions,
-    Norm,
-    Piece,
-    TiedHead,
-    TokenEmbedding,
-    tied_logits,
-)
-from shipyard.models.huggingface.tensor_parallel import (
-    VocabularyParallelHead,
-    sharding_table,
-    split_embedding,
-    split_linears,
-)
+from shipyard.models.huggingface.pieces import ADAPTERS, Adapter
+from shipyard.models.huggingface.tensor_parallel import sharding_table
 from shipyard.models.huggingface.weights import WeightFolder
 from shipyard.models.measure import Pieces, measure
 from shipyard.models.size import ModelSize
-from shipyard.models.tensor_parallel import SINGLE, TensorParallel, mark_sharded, sharding_of
+from shipyard.models.tensor_parallel import SINGLE, TensorParallel, sharding_of
 from shipyard.spec.model import BYTE_VOCABULARY, HuggingFaceModelSpec, divisors
 
 ATTENTION = "sdpa"  # causal without a mask, fused where the device has a kernel
@@ -126,7 +105,8 @@ class HuggingFaceFamily:
                     "gradient checkpointing. To fix: set activation_checkpointing: false."
                 )
         if self.resolved.folder is not None:
-            self._weights(self._skeleton()).check_covers(self._needed(self._skeleton()))
+            skeleton = self._skeleton()
+            self._weights(skeleton).check_covers(self._needed(skeleton))
 
     def layout_problem(self, pipeline_stages: int, tensor_parallel: int) -> str | None:
         """Why the model cannot be cut into these stages and shards (None if it can)."""
@@ -191,57 +171,20 @@ class HuggingFaceFamily:
         """The whole model on this rank, as pieces (or the transformers model itself)."""
         if self.adapter is None:
             return PieceStack([_Whole(self._whole_model(seed))], range(0), False)
-        skeleton = self._skeleton()
-        weights = self._weights(skeleton)
-        pieces: list[nn.Module] = []
-        for index, (piece_class, parts) in enumerate(self._recipes(skeleton)):
-            if piece_class is TiedHead:
-                pieces.append(TiedHead(pieces[0], tp))
-            else:
-                pieces.append(self._piece(piece_class, parts, index, seed, tp, skeleton, weights))
-        leading = len(self.adapter.embeddings)
-        blocks = range(leading, leading + self.layers)
-        return PieceStack(pieces, blocks, self.spec.activation_checkpointing)
+        return self._builder(seed, tp).whole(self.spec.activation_checkpointing)
 
     def block(self, seed: int) -> nn.Module | None:
         """The first decoder layer as a piece, hidden states in and out (None without a piece
         adapter: the whole model is one module)."""
         if self.adapter is None:
             return None
-        skeleton = self._skeleton()
-        index = len(self.adapter.embeddings)
-        piece_class, parts = self._recipes(skeleton)[index]
-        return self._piece(piece_class, parts, index, seed, SINGLE, skeleton, None)
+        builder = self._builder(seed, SINGLE, with_weights=False)
+        index = builder.leading
+        return builder.piece(index, *builder.recipes()[index])
 
     def pipeline(self, seed: int, tp: TensorParallel = SINGLE) -> PipelineLayers:
-        """DeepSpeed pipeline layers: each stage materialises only its own pieces; a tied
-        embedding is one TiedLayerSpec on the first and the last stage."""
-        from shipyard.models.pipeline_specs import PieceSpec, TiedPieceSpec
-
-        skeleton = self._skeleton()
-        weights = self._weights(skeleton)
-        recipes = self._recipes(skeleton)
-
-        def maker(index: int):
-            piece_class, parts = recipes[index]
-            return lambda: self._piece(piece_class, parts, index, seed, tp, skeleton, weights)
-
-        def tied_embedding(**options) -> TiedPieceSpec:
-            weight = f"{self.adapter.embeddings[0]}.weight"
-            return TiedPieceSpec(
-                maker(0), "embedding", TokenEmbedding, tied_weight_attr=[weight], **options
-            )
-
-        layers: list = []
-        for index, (piece_class, _) in enumerate(recipes):
-            if self.tied and index == 0:
-                layers.append(tied_embedding())
-            elif piece_class is TiedHead:
-                head = partial(_tied_head, tp=tp)
-                layers.append(tied_embedding(forward_fn=head))
-            else:
-                layers.append(PieceSpec(maker(index), piece_class))
-        return PipelineLayers(layers, len(self.adapter.embeddings), 2, ["DecoderBlock"])
+        """DeepSpeed pipeline layers, each stage materialising only its own pieces."""
+        return self._builder(seed, tp).pipeline()
 
     def export(self, state: dict[str, torch.Tensor], folder: Path) -> list[str]:
         """config.json, generation_config.json and safetensors that transformers loads."""
@@ -307,6 +250,11 @@ class HuggingFaceFamily:
                 copy.deepcopy(self.config), attn_implementation=ATTENTION, dtype=dtype
             )
 
+    def _builder(self, seed: int, tp: TensorParallel, with_weights: bool = True) -> PieceBuilder:
+        skeleton = self._skeleton()
+        weights = self._weights(skeleton) if with_weights else None
+        return PieceBuilder(self.adapter, skeleton, weights, seed, tp, self.tied, self.sharding)
+
     def _weights(self, skeleton: nn.Module) -> WeightFolder | None:
         resolved = self.resolved
         if resolved.folder is None:
@@ -339,63 +287,6 @@ class HuggingFaceFamily:
             model.gradient_checkpointing_enable({"use_reentrant": False})
         return model
 
-    def _recipes(self, skeleton: nn.Module) -> list[tuple[type, dict[str, Any]]]:
-        """Each piece's class and the skeleton modules it holds, in order."""
-        adapter = self.adapter
-        token_path, *position_paths = adapter.embeddings
-        recipes: list[tuple[type, dict[str, Any]]] = [
-            (TokenEmbedding, {token_path: skeleton.get_submodule(token_path)})
-        ]
-        if position_paths:
-            parts = {path: skeleton.get_submodule(path) for path in position_paths}
-            if adapter.dropout:
-                parts[adapter.dropout] = skeleton.get_submodule(adapter.dropout)
-            recipes.append((LearnedPositions, parts))
-        rotary = skeleton.get_submodule(adapter.rotary) if adapter.rotary else None
-        for index, layer in enumerate(skeleton.get_submodule(adapter.layers)):
-            parts = {f"{adapter.layers}.{index}": layer, "rotary": copy.deepcopy(rotary)}
-            recipes.append((DecoderBlock, parts))
-        recipes.append((Norm, {adapter.norm: skeleton.get_submodule(adapter.norm)}))
-        if self.tied:
-            recipes.append((TiedHead, {}))
-        else:
-            recipes.append((Head, {adapter.head: skeleton.get_submodule(adapter.head)}))
-        return recipes
-
-    def _piece(self, piece_class, parts, index, seed, tp, skeleton, weights) -> Piece:
-        """Piece `index`, materialised on this rank with its weights, then split for `tp`."""
-        if piece_class is DecoderBlock:
-            parts = dict(parts)
-            piece = DecoderBlock(parts, parts.pop("rotary"))
-        else:
-            piece = piece_class(parts)
-        piece.to_empty(device=torch.get_default_device())  # meta when only counting
-        with torch.no_grad():
-            if weights is None:
-                with seeded(piece_seed(seed, index)):
-                    for module in _children_first(piece):
-                        skeleton._init_weights(module)
-            else:
-                piece.load_state_dict(weights.load(piece.state_dict()), strict=True)
-                for module in piece.modules():  # buffers computed, not saved (rotary)
-                    if "RotaryEmbedding" in type(module).__name__:
-                        skeleton._init_weights(module)
-        if tp.active:
-            self._split(piece, tp)
-        return piece
-
-    def _split(self, piece: Piece, tp: TensorParallel) -> None:
-        adapter = self.adapter
-        if isinstance(piece, DecoderBlock):
-            split_linears(piece.part(), adapter.block_plan, tp, adapter.conv1d)
-            if adapter.after_split:
-                adapter.after_split(piece.part(), tp.size)
-        elif isinstance(piece, TokenEmbedding):
-            _replace(piece, piece.paths[0], split_embedding(piece.part(), tp))
-        elif isinstance(piece, Head):
-            _replace(piece, piece.paths[0], VocabularyParallelHead(piece.part(), tp))
-        mark_sharded(piece, self.sharding)
-
 
 class _Whole(nn.Module):
     """A transformers model as one piece: token ids to logits."""
@@ -406,20 +297,3 @@ class _Whole(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=tokens, use_cache=False).logits
-
-
-def _tied_head(embedding: TokenEmbedding, hidden: torch.Tensor, tp: TensorParallel):
-    return tied_logits(embedding, hidden, tp)
-
-
-def _children_first(module: nn.Module):
-    """Modules of `module`, each after its children (the order transformers initialises in,
-    so a parent's re-initialisation, such as GPT-2's scaled projections, wins)."""
-    for child in module.children():
-        yield from _children_first(child)
-    yield module
-
-
-def _replace(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent_path) if parent_path else root, name, module)

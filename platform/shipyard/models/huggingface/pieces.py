@@ -90,12 +90,12 @@ class Piece(nn.Module):
     def part(self, index: int = 0) -> nn.Module:
         return self.get_submodule(self.paths[index])
 
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.part()(inputs)
+
 
 class TokenEmbedding(Piece):
     """Token ids (batch, sequence) -> hidden states."""
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.part()(tokens)
 
 
 class LearnedPositions(Piece):
@@ -126,16 +126,10 @@ class DecoderBlock(Piece):
 class Norm(Piece):
     """The final norm."""
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.part()(hidden)
-
 
 class Head(Piece):
     """The output projection to logits (this rank's share of the vocabulary under tensor
     parallelism)."""
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.part()(hidden)
 
 
 class TiedHead(nn.Module):
