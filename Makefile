@@ -43,6 +43,7 @@ bench: setup
 	$(PY) benchmarks/sweep_efficiency.py
 	$(PY) benchmarks/planner.py --measure
 	$(PY) benchmarks/tensor_parallel.py
+	$(PY) benchmarks/data_pipeline.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

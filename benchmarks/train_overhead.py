@@ -19,12 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-from shipyard.data.batches import replica_slices, training_batches
-from shipyard.data.corpus import corpus_files, cut_windows, validation_stride
+from shipyard.data.batches import TokenStream, replica_slices, training_batches
+from shipyard.data.corpus import local_corpus, prepare_corpus
 from shipyard.models import model_family
 from shipyard.models.family import seeded
 from shipyard.models.loss import language_model_loss
@@ -106,7 +105,7 @@ def baseline_throughput(job: JobSpec, steps: int) -> float:
 
 
 def baseline_worker(
-    rank: int, job: JobSpec, windows: np.ndarray, steps: int, port: int, result: str
+    rank: int, job: JobSpec, windows: TokenStream, steps: int, port: int, result: str
 ) -> None:
     import deepspeed
 
@@ -132,12 +131,12 @@ def baseline_worker(
     # The same global batches Shipyard's workers draw, this rank's slice of each.
     mine = replica_slices((plan.micro_batch_size,) * plan.data_parallel_size)[rank]
     batches = training_batches(
-        windows, plan.micro_batch_size * plan.data_parallel_size, job.train.seed
+        windows, plan.micro_batch_size * plan.data_parallel_size, job.train.seed, rows=mine
     )
 
     def step() -> None:
         for _ in range(plan.gradient_accumulation):
-            tokens = next(batches)[mine]
+            tokens = next(batches)
             loss = language_model_loss(logits(engine, tokens[:, :-1]), tokens[:, 1:])
             engine.backward(loss)
             engine.step()
@@ -167,15 +166,15 @@ def baseline_model(job: JobSpec):
     return model_family(job.model).build(job.train.seed), lambda engine, tokens: engine(tokens)
 
 
-def local_windows(job: JobSpec) -> np.ndarray:
-    """The training windows, read without Ray (the baseline has no Ray Data)."""
-    documents = np.array([f.read_bytes() for f in corpus_files(job.data)], dtype=object)
-    (cut,) = cut_windows(
-        {"bytes": documents},
-        job.model.sequence_length + 1,
-        validation_stride(job.data.validation_fraction),
-    )
-    return cut["tokens"][~cut["validation"]]
+def local_windows(job: JobSpec) -> TokenStream:
+    """The training windows Shipyard prepared (the corpus is cached on the job's storage); the
+    baseline reads them from disk without Ray."""
+    from shipyard.runtime.local import ray_runtime
+
+    with ray_runtime():
+        corpus = prepare_corpus(job)
+    folder = local_corpus(corpus)
+    return TokenStream(folder / "train.bin", corpus.dtype, job.model.sequence_length)
 
 
 if __name__ == "__main__":

@@ -171,8 +171,9 @@ class S3Store:
     def keys(self, prefix: str) -> list[str]:
         return sorted(self.listing(prefix))
 
-    def listing(self, prefix: str) -> dict[str, str]:
-        """Every object under `prefix` with its ETag (which changes when the object does)."""
+    def listing(self, prefix: str) -> dict[str, tuple[str, int]]:
+        """Every object under `prefix`, with its ETag (which changes when the object does) and
+        its size."""
         found = {}
         pages = self.client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=self._key(prefix)
@@ -182,7 +183,7 @@ class S3Store:
             for item in page.get("Contents", []):
                 # Keys ending in "/" are folder markers (pyarrow writes them), not files.
                 if item["Key"][-1] != "/":
-                    found[item["Key"][strip:]] = item.get("ETag", "")
+                    found[item["Key"][strip:]] = (item.get("ETag", ""), item.get("Size", 0))
         return found
 
     def check(self) -> None:

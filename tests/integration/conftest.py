@@ -173,17 +173,20 @@ def validation_loss(model, job: JobSpec, plan=None) -> float:
     token ids to logits (or, as transformers' models do, to an output with .logits)."""
     import torch
 
-    from shipyard.data.batches import evaluation_batches, load_windows, replica_slices
-    from shipyard.data.corpus import build_corpus
+    from shipyard.data.batches import TokenStream, evaluation_batches, replica_slices
+    from shipyard.data.corpus import local_corpus, prepare_corpus
     from shipyard.models.family import logits_of
     from shipyard.models.loss import language_model_loss
     from shipyard.plan.plan import make_plan
 
     plan = plan or make_plan(job)
     micro = plan.micro_batches
-    windows = load_windows(build_corpus(job.data, job.model.sequence_length).validation)
+    corpus = prepare_corpus(job)
+    stream = TokenStream(
+        local_corpus(corpus) / "validation.bin", corpus.dtype, job.model.sequence_length
+    )
     total = 0.0
-    batches = evaluation_batches(windows, sum(micro), job.train.eval_batches)
+    batches = evaluation_batches(stream, sum(micro), job.train.eval_batches)
     with torch.no_grad():
         for batch in batches:
             for part in replica_slices(micro):

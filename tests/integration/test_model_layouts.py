@@ -16,8 +16,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from shipyard.artifacts import export_to
-from shipyard.data.batches import load_windows, training_batches
-from shipyard.data.corpus import build_corpus
+from shipyard.data.batches import TokenStream, training_batches
+from shipyard.data.corpus import local_corpus, prepare_corpus
 from shipyard.models.loss import language_model_loss
 from shipyard.serve.export import export_checkpoint, load_exported_model
 from shipyard.spec.load import load_job
@@ -82,9 +82,13 @@ def test_two_pipeline_stages_train_the_one_stage_model(model_runs, family):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_two_tensor_parallel_shards_train_the_unsplit_model(model_runs, family):
+    """The shards' row-parallel products are summed in another order than one device sums
+    them (~1e-7 relative per step), and 24 steps at lr 3e-3 with loss spikes amplify that to
+    ~2e-3 by the end; a wrong shard or a missed all-reduce is off by far more from step 1."""
     zero0, split = run(model_runs, family, "zero0"), run(model_runs, family, "tp2")
-    assert losses(split) == pytest.approx(losses(zero0), rel=1e-3)
-    assert split.final["val_loss"] == pytest.approx(zero0.final["val_loss"], rel=1e-3)
+    assert losses(split)[0] == pytest.approx(losses(zero0)[0], rel=1e-5)
+    assert losses(split) == pytest.approx(losses(zero0), rel=5e-3)
+    assert split.final["val_loss"] == pytest.approx(zero0.final["val_loss"], rel=5e-3)
 
 
 @pytest.mark.parametrize(
@@ -151,7 +155,9 @@ def test_a_fine_tune_starts_from_the_exported_weights(model_runs, runs_dir, tmp_
     )
     result = run_training(fine_tune)
 
-    windows = load_windows(build_corpus(fine_tune.data, fine_tune.model.sequence_length).train)
+    corpus = prepare_corpus(fine_tune)
+    length = fine_tune.model.sequence_length
+    windows = TokenStream(local_corpus(corpus) / "train.bin", corpus.dtype, length)
     micro = 2 * fine_tune.train.micro_batch_size  # both replicas' shares of a micro-step
     batches = training_batches(windows, micro, fine_tune.train.seed)
     first_step = torch.cat([next(batches) for _ in range(fine_tune.train.gradient_accumulation)])

@@ -145,8 +145,10 @@ def test_transformers_generates_from_the_gpt_export_what_serve_answers(serving, 
 
 
 def transformers_greedy(folder, bodies_and_tokens) -> list[list[int]]:
-    """What transformers' own greedy `generate` continues each body's prompt with."""
+    """What transformers' own greedy `generate` continues each body's prompt with, among the
+    byte tokenizer's 256 ids (as Shipyard's serving, whose model may have more)."""
     opened = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    beyond_bytes = list(range(256, opened.config.get_text_config().vocab_size)) or None
     answers = []
     for body, _ in bodies_and_tokens:
         prompt = torch.tensor([list(body["prompt"].encode())])
@@ -157,6 +159,7 @@ def transformers_greedy(folder, bodies_and_tokens) -> list[list[int]]:
                 max_new_tokens=body["max_new_tokens"],
                 min_new_tokens=body["max_new_tokens"],
                 pad_token_id=0,
+                suppress_tokens=beyond_bytes,
             )
         answers.append(ids[0, prompt.shape[1] :].tolist())
     return answers

@@ -44,7 +44,9 @@ def test_misspelt_key_suggests_the_right_one(write_job):
 def test_unknown_top_level_section_lists_allowed_ones(write_job):
     message = error_for(write_job, job(trian={"lr": 1}))
     assert "Did you mean 'train'?" in message
-    assert "the top level allows: name, model, data, train, storage, artifacts, failure" in message
+    assert (
+        "the top level allows: name, model, data, tokenizer, train, storage, artifacts" in message
+    )
 
 
 def test_value_outside_a_choice_lists_the_choices(write_job):

@@ -79,8 +79,8 @@ def test_a_sweep_section_loads_with_defaults(write):
             "pbt copies checkpoints between trials",
         ),
         (
-            swept({"space": {"model.sequence_length": {"randint": [16, 64]}}}),
-            "takes choice or grid, not randint",
+            swept({"space": {"data.validation_fraction": {"uniform": [0.05, 0.1]}}}),
+            "takes choice or grid, not uniform",
         ),
     ],
 )

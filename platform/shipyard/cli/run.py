@@ -93,7 +93,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         def show_corpus(corpus) -> None:
             progress.update(
                 task,
-                status=f"{corpus.files} files → {corpus.train_windows} training windows",
+                status=_corpus_status(corpus, job.model.sequence_length),
             )
 
         result = run_training(
@@ -238,6 +238,14 @@ def _progress(console: Console) -> Progress:
         TimeElapsedColumn(),
         TextColumn("{task.fields[status]}"),
         console=console,
+    )
+
+
+def _corpus_status(corpus, sequence_length: int) -> str:
+    how = "reused" if corpus.reused else "tokenized"
+    return (
+        f"{corpus.files} files, {corpus.tokens['train']:,} training tokens ({how}, "
+        f"{corpus.tokenizer.name}) → {corpus.windows('train', sequence_length):,} windows"
     )
 
 

@@ -1,142 +1,435 @@
-"""The training corpus as Ray Datasets of fixed-length byte-token windows.
+"""A corpus prepared once: read, split, tokenized and packed by Ray Data, cached on the job's
+storage, then streamed by every training rank from disk.
 
-Text is tokenized as raw bytes (vocabulary 256), so any text on the machine is a corpus and
-nothing is downloaded. Each document is cut into windows of `sequence_length + 1` tokens (inputs
-plus the shifted targets); within a document every k-th window goes to validation, so a corpus of
-one file still has both splits.
+Preparing reads every file with Ray Data's own readers (binary files, JSON lines, Parquet),
+sends each document to the validation split when a hash of its content says so (deterministic,
+whatever the order or the layout), tokenizes and packs the documents of each block in Ray Data
+tasks (each document followed by the tokenizer's end-of-text token), and writes the two splits
+as flat files of token ids. The result is kept under `<storage>/_corpora/<key>/`, where the key
+hashes the files (path, size, version), the data settings and the tokenizer: a re-run, a resume
+and every sweep trial reuse it, on another machine too when the storage is S3. It does not
+depend on the sequence length, which only decides how windows are cut when reading.
 """
 
 from __future__ import annotations
 
 import hashlib
-import sysconfig
-from collections.abc import Iterator
-from dataclasses import dataclass
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
-from shipyard.errors import SpecError
-from shipyard.spec.job import PYTHON_STDLIB, DataSpec
+from shipyard.data.sources import Sources, arrow_location, find_sources
+from shipyard.data.tokenizer import BYTES, Tokenizer, from_folder, train_bpe
+from shipyard.errors import ShipyardError, SpecError
+from shipyard.spec.data import DataSpec
+from shipyard.spec.job import JobSpec
+from shipyard.storage import cache_root, is_remote, open_store
 
-if TYPE_CHECKING:
-    import ray.data
+CORPORA = "_corpora"  # under the job's storage
+TOKENIZERS = "_tokenizers"
+MANIFEST = "corpus.json"
+SPLITS = ("train", "validation")
+FORMAT_VERSION = 1  # part of every key: a new packing format never reads an old cache
+HASH_BUCKETS = 10_000
 
-TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".jsonl"}
+
+class CorpusError(SpecError):
+    """A corpus file that cannot be read as its format says (names the file, line or row)."""
 
 
 @dataclass(frozen=True)
 class Corpus:
-    """Training and validation windows, materialized in Ray's object store in a fixed order."""
+    """A prepared corpus: where its packed token files are, and what they hold."""
 
-    train: ray.data.Dataset
-    validation: ray.data.Dataset
-    train_windows: int
-    validation_windows: int
+    location: str  # <storage>/_corpora/<key>: a folder or s3://…
+    key: str
+    dtype: str  # of the token files
+    tokens: dict[str, int]  # per split
+    documents: dict[str, int]
     files: int
     source: str
+    tokenizer: Tokenizer
+    prepared_at: float  # when it was tokenized (a reused corpus keeps its first time)
+    reused: bool = False  # found in the cache: nothing was read or tokenized this time
+
+    def windows(self, split: str, sequence_length: int) -> int:
+        """How many windows of `sequence_length` (+1 target) a split cuts into."""
+        return max(0, (self.tokens[split] - 1) // sequence_length)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, for the workers."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Corpus:
+        return cls(**{**data, "tokenizer": Tokenizer(**data["tokenizer"])})
 
 
-def build_corpus(data: DataSpec, sequence_length: int) -> Corpus:
-    """Read the corpus through Ray Data and cut it into windows (needs a running Ray)."""
+def prepare_corpus(job: JobSpec) -> Corpus:
+    """The job's corpus, from the cache or prepared now with Ray Data (needs a running Ray)."""
+    sources = _checked(lambda: find_sources(job.data))
+    tokenizer = _checked(lambda: resolve_tokenizer(job, sources))
+    key = hashlib.sha256(
+        json.dumps([FORMAT_VERSION, sources.fingerprint(job.data), tokenizer.fingerprint]).encode()
+    ).hexdigest()[:32]
+    store = open_store(job.storage)
+    manifest = store.get_text(f"{CORPORA}/{key}/{MANIFEST}")
+    if manifest is not None:
+        return _from_manifest(json.loads(manifest), f"{store.uri}/{CORPORA}/{key}", tokenizer)
+    return _prepare(job.data, sources, tokenizer, store, key)
+
+
+def resolve_tokenizer(job: JobSpec, sources: Sources | None = None) -> Tokenizer:
+    """The job's tokenizer: bytes, a folder's, the model folder's, or one trained on the
+    corpus (once; cached on the job's storage by the corpus's content)."""
+    spec = job.tokenizer
+    if spec is None:
+        folder = _model_folder(job)
+        if folder is not None and (folder / "tokenizer.json").is_file():
+            return from_folder(folder, str(folder))
+        return BYTES
+    if spec.bytes:
+        return BYTES
+    if spec.path:
+        from shipyard.models.huggingface.config import local_folder
+
+        return from_folder(local_folder(spec.path, "tokenizer.path"), spec.path)
+    sources = sources or find_sources(job.data)
+    settings = [sources.fingerprint(job.data), spec.train.model_dump(mode="json")]
+    key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:32]
+    store = open_store(job.storage)
+    saved = store.get_text(f"{TOKENIZERS}/{key}/tokenizer.json")
+    if saved is not None:
+        end = json.loads(store.get_text(f"{TOKENIZERS}/{key}/{MANIFEST}") or "{}")
+        return Tokenizer(saved, end.get("end_of_text"))
+    try:
+        texts = _training_texts(job.data, sources)
+        tokenizer = train_bpe(texts, spec.train.vocab_size, spec.train.min_frequency)
+    except ShipyardError:
+        raise
+    except Exception as error:  # Ray's wrapping of what a reading task raised
+        raise _diagnosed(error, job.data, sources) from None
+    store.put_text(f"{TOKENIZERS}/{key}/tokenizer.json", tokenizer.definition)
+    store.put_text(
+        f"{TOKENIZERS}/{key}/{MANIFEST}", json.dumps({"end_of_text": tokenizer.end_of_text})
+    )
+    return tokenizer
+
+
+def tokenizer_vocabulary(job: JobSpec) -> int:
+    """How many ids the job's tokenizer gives, known without reading the corpus (a trained
+    one's: at most its vocab_size)."""
+    spec = job.tokenizer
+    if spec is not None and spec.train is not None:
+        return spec.train.vocab_size
+    return resolve_tokenizer(job).vocabulary_size
+
+
+def local_corpus(corpus: Corpus, filesystem: Any = None) -> Path:
+    """The corpus's folder on this machine: its storage folder, or a copy of it downloaded
+    once (per machine) from S3, appearing whole or not at all. Workers pass the pyarrow S3 file
+    system the driver made (it carries the endpoint and keys, as Ray Train's checkpoints do);
+    without one, boto3 finds them here."""
+    if not is_remote(corpus.location):
+        return Path(corpus.location)
+    target = cache_root() / "corpora" / corpus.key
+    if (target / MANIFEST).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{corpus.key}."))
+    try:
+        for name in (*[f"{split}.bin" for split in SPLITS], MANIFEST):
+            _download(corpus.location, name, staging / name, filesystem)
+        try:
+            staging.rename(target)
+        except OSError:  # another rank of this machine was first
+            if not (target / MANIFEST).is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _download(location: str, name: str, local: Path, filesystem: Any) -> None:
+    if filesystem is None:
+        open_store(location).download(name, local)
+        return
+    path = f"{location.removeprefix('s3://')}/{name}"
+    with filesystem.open_input_stream(path) as remote, local.open("wb") as file:
+        shutil.copyfileobj(remote, file, length=16 << 20)
+
+
+def document_split(content: bytes, validation_fraction: float) -> str:
+    """A document's split, from a hash of its content: the same wherever and whenever it is
+    read (and duplicates of it land together)."""
+    bucket = int.from_bytes(hashlib.blake2b(content, digest_size=8).digest(), "little")
+    return "validation" if bucket % HASH_BUCKETS < validation_fraction * HASH_BUCKETS else "train"
+
+
+def token_dtype(vocabulary_size: int) -> str:
+    return "uint8" if vocabulary_size <= 256 else "uint16" if vocabulary_size <= 65536 else "uint32"
+
+
+def _prepare(data: DataSpec, sources: Sources, tokenizer: Tokenizer, store, key: str) -> Corpus:
+    """Read, split, tokenize and pack with Ray Data; write the split files, then the manifest."""
+    dtype = token_dtype(tokenizer.vocabulary_size)
+    packed = _documents(data, sources).map_batches(
+        pack_documents,
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "validation_fraction": data.validation_fraction,
+            "dtype": dtype,
+            "pretokenized": data.tokens_field is not None,
+        },
+        batch_format="numpy",
+        batch_size=256,
+    )
+    staging = Path(tempfile.mkdtemp(prefix="shipyard-corpus-"))
+    tokens, documents = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
+    try:
+        files = {split: (staging / f"{split}.bin").open("wb") for split in SPLITS}
+        try:
+            for batch in packed.iter_batches(batch_size=None):
+                for split in SPLITS:
+                    for chunk, count in zip(batch[split], batch[f"{split}_documents"], strict=True):
+                        files[split].write(chunk)
+                        tokens[split] += len(chunk) // np.dtype(dtype).itemsize
+                        documents[split] += int(count)
+        except ShipyardError:
+            raise
+        except Exception as error:
+            raise _diagnosed(error, data, sources) from None
+        finally:
+            for file in files.values():
+                file.close()
+        if not tokens["train"]:
+            raise CorpusError(f"data.source: {sources.source!r} gave no training tokens.")
+        manifest = {
+            "dtype": dtype,
+            "tokens": tokens,
+            "documents": documents,
+            "files": len(sources.files),
+            "source": sources.source,
+            "tokenizer": tokenizer.fingerprint,
+            "prepared_at": time.time(),
+        }
+        for split in SPLITS:
+            store.upload(staging / f"{split}.bin", f"{CORPORA}/{key}/{split}.bin")
+        store.put_text(f"{CORPORA}/{key}/{MANIFEST}", json.dumps(manifest, indent=2))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    corpus = _from_manifest(manifest, f"{store.uri}/{CORPORA}/{key}", tokenizer)
+    return Corpus(**{**asdict(corpus), "tokenizer": tokenizer, "reused": False})
+
+
+def pack_documents(
+    batch: dict[str, np.ndarray],
+    tokenizer: Tokenizer,
+    validation_fraction: float,
+    dtype: str,
+    pretokenized: bool = False,
+) -> dict[str, list]:
+    """A block of documents (Ray Data task) as one packed run of token ids per split: each
+    document's tokens, then the end-of-text token."""
+    texts: dict[str, list] = {split: [] for split in SPLITS}
+    for document, path in zip(batch["document"], batch["path"], strict=True):
+        content = bytes(document)
+        split = document_split(content, validation_fraction)
+        if pretokenized:
+            texts[split].append(_token_ids(content, path, tokenizer.vocabulary_size))
+        elif tokenizer.definition is None:
+            texts[split].append(content)
+        else:
+            texts[split].append(_utf8(content, path))
+    packed: dict[str, list] = {}
+    end = np.asarray([] if tokenizer.end_of_text is None else [tokenizer.end_of_text], np.int64)
+    for split, chosen in texts.items():
+        encoded = chosen if pretokenized else _encode(tokenizer, chosen)
+        ids = [np.concatenate([each, end]) for each in encoded]
+        joined = np.concatenate(ids).astype(dtype) if ids else np.empty(0, dtype)
+        packed[split] = [joined.tobytes()]
+        packed[f"{split}_documents"] = [len(chosen)]
+    return packed
+
+
+def _encode(tokenizer: Tokenizer, documents: list) -> list[np.ndarray]:
+    if tokenizer.definition is None:  # raw bytes: no decoding, any file is a byte stream
+        return [np.frombuffer(each, dtype=np.uint8).astype(np.int64) for each in documents]
+    return tokenizer.encode(documents)
+
+
+def _token_ids(content: bytes, path: str, vocabulary_size: int) -> np.ndarray:
+    ids = np.frombuffer(content, dtype=np.int64)
+    if len(ids) and (ids.min() < 0 or ids.max() >= vocabulary_size):
+        raise CorpusError(
+            f"data.source: {path}: a pre-tokenized row has token id {int(ids.max())} (or "
+            f"{int(ids.min())}), outside the tokenizer's {vocabulary_size} ids. To fix: give "
+            "the tokenizer that made them (tokenizer.path)."
+        )
+    return ids
+
+
+def _utf8(content: bytes, path: str) -> str:
+    try:
+        return content.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CorpusError(
+            f"data.source: {path} is not UTF-8 (byte {error.start}: {error.reason}). Shipyard "
+            "refuses it rather than replace characters a text tokenizer would learn from. "
+            "To fix: convert it to UTF-8, or use tokenizer: bytes."
+        ) from None
+
+
+def _documents(data: DataSpec, sources: Sources):
+    """Every document of the corpus as rows {"document": bytes, "path": str}, in file order."""
     import ray.data
 
-    files = corpus_files(data)
-    if any(file.suffix == ".jsonl" for file in files):
-        documents = ray.data.read_json([str(f) for f in files], lines=True).map_batches(
-            _encode_text, fn_kwargs={"field": data.text_field}, batch_format="numpy"
-        )
-    else:
-        documents = ray.data.read_binary_files([str(f) for f in files], include_paths=True)
-    # Fixed block order: the same spec and seed must give every run the same batches.
+    datasets = []
+    for kind, uris in sources.by_format().items():
+        paths, filesystem = arrow_location(uris)
+        if kind == "text":
+            read = ray.data.read_binary_files(paths, filesystem=filesystem, include_paths=True)
+            datasets.append(read.map_batches(_text_documents, batch_format="numpy"))
+        elif kind == "jsonl":
+            read = ray.data.read_json(
+                paths, lines=True, filesystem=filesystem, include_paths=True, file_extensions=None
+            )
+            field = data.tokens_field or data.text_field
+            kwargs = {
+                "field": field,
+                "name": "data.tokens_field" if data.tokens_field else "data.text_field",
+            }
+            datasets.append(
+                read.map_batches(_field_documents, fn_kwargs=kwargs, batch_format="numpy")
+            )
+        else:
+            column = data.tokens_field or data.text_column
+            read = ray.data.read_parquet(
+                paths, filesystem=filesystem, columns=[column], include_paths=True
+            )
+            kwargs = {
+                "field": column,
+                "name": "data.tokens_field" if data.tokens_field else "data.text_column",
+            }
+            datasets.append(
+                read.map_batches(_field_documents, fn_kwargs=kwargs, batch_format="numpy")
+            )
+    documents = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    # A fixed block order: the same files give the same token files, byte for byte.
     documents.context.execution_options.preserve_order = True
-    stride = validation_stride(data.validation_fraction)
-    windows = documents.map_batches(
-        cut_windows,
-        fn_kwargs={"length": sequence_length + 1, "validation_stride": stride},
-        batch_format="numpy",
-    ).materialize()
-    train = windows.map_batches(_select, fn_kwargs={"validation": False}, batch_format="numpy")
-    validation = windows.map_batches(_select, fn_kwargs={"validation": True}, batch_format="numpy")
-    train, validation = train.materialize(), validation.materialize()
+    return documents
+
+
+def _text_documents(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"document": batch["bytes"], "path": batch["path"]}
+
+
+def _field_documents(batch: dict[str, np.ndarray], field: str, name: str) -> dict[str, Any]:
+    if field not in batch:
+        path = batch["path"][0] if len(batch.get("path", [])) else "a file"
+        raise CorpusError(
+            f"data.source: {path} has no {name} {field!r} in its records. To fix: set "
+            f"{name} to the field holding each document."
+        )
+    documents = []
+    for value, path in zip(batch[field], batch["path"], strict=True):
+        if value is None:
+            raise CorpusError(
+                f"data.source: {path}: a record lacks {name} {field!r}. To fix: every record "
+                "needs it (or remove the record)."
+            )
+        if isinstance(value, str):
+            documents.append(value.encode("utf-8"))
+        else:  # pre-tokenized ids
+            documents.append(np.asarray(value, dtype=np.int64).tobytes())
+    return {"document": np.array(documents, dtype=object), "path": batch["path"]}
+
+
+def _training_texts(data: DataSpec, sources: Sources):
+    """The training split's documents as text, streamed to the driver (to train a tokenizer)."""
+    for batch in _documents(data, sources).iter_batches(batch_format="numpy"):
+        for document, path in zip(batch["document"], batch["path"], strict=True):
+            content = bytes(document)
+            if document_split(content, data.validation_fraction) == "train":
+                yield _utf8(content, path)
+
+
+def _from_manifest(manifest: dict[str, Any], location: str, tokenizer: Tokenizer) -> Corpus:
     return Corpus(
-        train=train,
-        validation=validation,
-        train_windows=train.count(),
-        validation_windows=validation.count(),
-        files=len(files),
-        source=data.source,
+        location=location,
+        key=location.rsplit("/", 1)[-1],
+        dtype=manifest["dtype"],
+        tokens=manifest["tokens"],
+        documents=manifest["documents"],
+        files=manifest["files"],
+        source=manifest["source"],
+        tokenizer=tokenizer,
+        prepared_at=manifest["prepared_at"],
+        reused=True,
     )
 
 
-def corpus_files(data: DataSpec) -> list[Path]:
-    """The files to read, in a fixed order, up to `data.max_bytes` (always at least one)."""
-    if data.source == PYTHON_STDLIB:
-        root = Path(sysconfig.get_paths()["stdlib"])
-        candidates = [p for p in root.rglob("*.py") if "site-packages" not in p.parts]
-        # Hashing the path spreads the sample over the whole library instead of its first letters.
-        candidates.sort(key=lambda p: hashlib.sha1(str(p.relative_to(root)).encode()).hexdigest())
+def _model_folder(job: JobSpec) -> Path | None:
+    path = getattr(job.model, "path", None)
+    if not path:
+        return None
+    from shipyard.models.huggingface.config import local_folder
+
+    return local_folder(path)
+
+
+def _checked(work):
+    """`work()`, with a ValueError (a spec problem found in the files) as a SpecError."""
+    try:
+        return work()
+    except ValueError as error:
+        if isinstance(error, ShipyardError):
+            raise
+        raise SpecError(str(error)) from None
+
+
+def _diagnosed(error: Exception, data: DataSpec, sources: Sources) -> Exception:
+    """The first bad JSONL line we can find (Ray's reader does not say which), else our own
+    error from inside a Ray Data task, else Ray's message."""
+    for file in sources.files:
+        if file.format == "jsonl":
+            problem = _first_bad_line(file.uri, data.tokens_field or data.text_field)
+            if problem:
+                return CorpusError(f"data.source: {file.uri}:{problem}")
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, ShipyardError):
+            lines = [line for line in str(cause).splitlines() if "data.source" in line]
+            return CorpusError(lines[-1][lines[-1].index("data.source") :] if lines else str(cause))
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    lines = str(error).strip().splitlines()
+    return CorpusError(f"data.source: reading the corpus failed: {lines[-1] if lines else error}")
+
+
+def _first_bad_line(uri: str, field: str) -> str | None:
+    """'line N: what is wrong' for the first line of a JSONL file that is not a JSON object
+    with `field`, or None."""
+    if is_remote(uri):
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        text = open_store(f"s3://{bucket}").get_text(key) or ""
     else:
-        path = Path(data.source).expanduser()
-        if path.is_file():
-            return [path]
-        if not path.is_dir():
-            raise SpecError(
-                f"data.source: {data.source!r} is neither {PYTHON_STDLIB!r} nor an existing file "
-                "or folder. To fix: give the path of a .txt/.jsonl file or of a folder of text."
-            )
-        candidates = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
-    files = _up_to_bytes([p for p in candidates if p.is_file()], data.max_bytes)
-    if not files:
-        raise SpecError(
-            f"data.source: {data.source!r} holds no text files ({', '.join(sorted(TEXT_SUFFIXES))})."
-        )
-    return files
-
-
-def validation_stride(fraction: float) -> int:
-    """Every how-many-th window of a document is held out for validation."""
-    return max(2, round(1 / fraction))
-
-
-def cut_windows(
-    batch: dict[str, np.ndarray], length: int, validation_stride: int
-) -> Iterator[dict[str, np.ndarray]]:
-    """Documents (raw bytes) → non-overlapping token windows, each tagged train or validation.
-
-    Yields nothing for a batch of documents all shorter than one window: Ray Data cannot store
-    an empty 2-D tensor column as Arrow.
-    """
-    windows, held_out = [], []
-    for document in batch["bytes"]:
-        tokens = np.frombuffer(document, dtype=np.uint8)
-        count = len(tokens) // length
-        if count:
-            windows.append(tokens[: count * length].reshape(count, length))
-            held_out.append(np.arange(count) % validation_stride == validation_stride - 1)
-    if windows:
-        yield {"tokens": np.concatenate(windows), "validation": np.concatenate(held_out)}
-
-
-def _select(batch: dict[str, np.ndarray], validation: bool) -> Iterator[dict[str, np.ndarray]]:
-    chosen = batch["tokens"][batch["validation"] == validation]
-    if len(chosen):
-        yield {"tokens": chosen}
-
-
-def _encode_text(batch: dict[str, np.ndarray], field: str) -> dict[str, np.ndarray]:
-    if field not in batch:
-        raise SpecError(f"data.text_field: {field!r} is not a field of the JSONL records.")
-    return {"bytes": np.array([str(text).encode() for text in batch[field]], dtype=object)}
-
-
-def _up_to_bytes(files: list[Path], max_bytes: int | None) -> list[Path]:
-    chosen, total = [], 0
-    for file in files:
-        size = file.stat().st_size
-        if chosen and max_bytes is not None and total + size > max_bytes:
+        text = Path(uri).read_text(errors="replace")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
             continue
-        chosen.append(file)
-        total += size
-    return chosen
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            return f"line {number}: not JSON ({error.msg}). To fix: one JSON object per line."
+        if not isinstance(record, dict) or field not in record:
+            return (
+                f"line {number}: the record has no field {field!r}. To fix: set "
+                "data.text_field (or data.tokens_field) to the field holding each document."
+            )
+    return None

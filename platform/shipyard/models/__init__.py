@@ -31,9 +31,12 @@ def model_family(spec) -> ModelFamily:
 
 def check_model(job: JobSpec, source: str) -> None:
     """What the spec alone cannot tell: the architecture exists, the weights folder is whole
-    and safe to load, the factory imports, the job's layout suits the model. Runs before Ray
-    starts; raises SpecError naming the file and the field."""
+    and safe to load, the factory imports, the vocabulary covers the tokenizer's, the job's
+    layout suits the model. Runs before Ray starts; raises SpecError naming the file and the
+    field."""
+    from shipyard.data.corpus import tokenizer_vocabulary
+
     try:
-        model_family(job.model).check(job.train)
+        model_family(job.model).check(job.train, tokenizer_vocabulary(job))
     except ValueError as error:
         raise SpecError(f"{source}: {error}") from None

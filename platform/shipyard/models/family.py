@@ -73,9 +73,10 @@ class ModelFamily(Protocol):
         """How tensor parallelism splits each weight (empty: it cannot)."""
         ...
 
-    def check(self, train: TrainSpec) -> None:
-        """Raise ValueError (naming model and train fields) if the model cannot be built, or
-        cannot be trained in the layout `train` asks for."""
+    def check(self, train: TrainSpec, tokenizer_vocabulary: int) -> None:
+        """Raise ValueError (naming model and train fields) if the model cannot be built, its
+        vocabulary does not cover the tokenizer's, or it cannot be trained in the layout
+        `train` asks for."""
         ...
 
     def size(self) -> ModelSize:
@@ -104,9 +105,12 @@ class ModelFamily(Protocol):
         """The model as pipeline layers whose state dicts name weights as `build`'s do."""
         ...
 
-    def export(self, state: dict[str, torch.Tensor], folder: Path) -> list[str]:
+    def export(
+        self, state: dict[str, torch.Tensor], folder: Path, end_of_text: int | None = None
+    ) -> list[str]:
         """Write the consolidated weights (named as `build`'s state dict) and config into
-        `folder` as a Hugging Face folder; returns the weight files written."""
+        `folder` as a Hugging Face folder, generation ending at `end_of_text`; returns the
+        files written."""
         ...
 
     def load_module(self, folder: Path, device: str) -> nn.Module:
@@ -137,6 +141,15 @@ class PieceStack(nn.Module):
             else:
                 hidden = piece(hidden)
         return hidden
+
+
+def check_vocabulary(field: str, model: int, tokenizer: int) -> None:
+    """ValueError naming `field` if the model's vocabulary is smaller than the tokenizer's."""
+    if model < tokenizer:
+        raise ValueError(
+            f"{field}: {model} is smaller than the tokenizer's {tokenizer} tokens; the model "
+            f"could never predict the rest. To fix: set it to at least {tokenizer}."
+        )
 
 
 def piece_seed(seed: int, index: int) -> int:

@@ -24,6 +24,7 @@ from shipyard.models.sampling import (
     finite,
     run_to_completion,
 )
+from shipyard.spec.model import BYTE_VOCABULARY
 
 
 @dataclass
@@ -43,11 +44,13 @@ class CausalLMGenerator:
         context_length: int,
         uses_cache: bool,
         end_of_sequence: int | None = None,
+        vocabulary: int = BYTE_VOCABULARY,
     ):
         self.model = model.eval()
         self.context_length = context_length
         self.uses_cache = uses_cache
         self.end_of_sequence = end_of_sequence
+        self.vocabulary = vocabulary
         self.device = next(model.parameters()).device
 
     @torch.inference_mode()
@@ -89,8 +92,5 @@ class CausalLMGenerator:
         return finite(output.logits[0, -1])
 
     def _append(self, sequence: Sequence, logits: torch.Tensor) -> None:
-        token = choose(logits, sequence.request, sequence.generator)
-        if token == self.end_of_sequence:  # the answer ends here; the token is not text
-            sequence.stopped = True
-        else:
-            sequence.produced.append(token)
+        token = choose(logits, sequence.request, sequence.generator, self.vocabulary)
+        sequence.accept(token, self.end_of_sequence)

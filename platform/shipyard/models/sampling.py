@@ -39,6 +39,13 @@ class Sequence:
         """True once it stopped, or has all the new tokens it asked for."""
         return self.stopped or len(self.produced) >= self.request.max_new_tokens
 
+    def accept(self, token: int, end_of_sequence: int | None) -> None:
+        """Keep the token, or stop at the end token (which is not part of the answer)."""
+        if token == end_of_sequence:
+            self.stopped = True
+        else:
+            self.produced.append(token)
+
 
 def finite(logits: torch.Tensor) -> torch.Tensor:
     """`logits`, or BrokenModelError if any is NaN or infinite."""
@@ -47,10 +54,15 @@ def finite(logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def choose(logits: torch.Tensor, request: GenerationRequest, generator: torch.Generator) -> int:
+def choose(
+    logits: torch.Tensor,
+    request: GenerationRequest,
+    generator: torch.Generator,
+    vocabulary: int = BYTE_VOCABULARY,
+) -> int:
     """The next token: argmax at temperature 0, else a seeded sample (optionally top-k). Only
-    tokens the byte tokenizer can decode are candidates."""
-    logits = logits[:BYTE_VOCABULARY].float().cpu()
+    the tokenizer's `vocabulary` ids are candidates (a model's vocabulary may be padded)."""
+    logits = logits[:vocabulary].float().cpu()
     if request.temperature == 0:
         return int(torch.argmax(logits))
     logits = logits / request.temperature

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 
+from shipyard.data.tokenizer import saved_tokenizer
 from shipyard.models.sampling import BrokenModelError, GenerationRequest
 from shipyard.serve.batching import ContinuousBatcher, Generated
 from shipyard.serve.export import load_generator, read_export
@@ -81,6 +82,7 @@ class ModelServer:
         self.export = read_export(export_folder)
         device = "cuda" if spec.gpus_per_replica > 0 else "cpu"
         self.generator = load_generator(self.export, device)
+        self.tokenizer = saved_tokenizer(self.export.folder)
         self.generator.check()
         self.batcher = ContinuousBatcher(self.generator, spec.max_batch_size)
         self.default_max_new_tokens = spec.default_max_new_tokens
@@ -93,7 +95,7 @@ class ModelServer:
         request = self._generation_request(body)
         generated = await (await self._admit(request))
         return {
-            "text": bytes(generated.tokens).decode("utf-8", errors="replace"),
+            "text": self.tokenizer.decode(generated.tokens),
             "tokens": generated.tokens,
             "prompt_tokens": len(request.prompt),
             "completion_tokens": len(generated.tokens),
@@ -132,7 +134,7 @@ class ModelServer:
         return self.replica
 
     def _generation_request(self, body: GenerateBody) -> GenerationRequest:
-        prompt = tuple(body.prompt.encode("utf-8"))
+        prompt = tuple(int(i) for i in self.tokenizer.encode([body.prompt])[0])
         context = self.generator.context_length
         # The default shrinks to fit the context; an explicit request is checked as asked.
         max_new_tokens = body.max_new_tokens or min(
@@ -141,7 +143,7 @@ class ModelServer:
         if len(prompt) >= context:
             raise RequestError(
                 422,
-                f"prompt: {len(prompt)} tokens (UTF-8 bytes) is over the context length "
+                f"prompt: {len(prompt)} tokens ({self.tokenizer.name}) is over the context length "
                 f"{context}; at most {context - 1} fit with room for one new token",
             )
         if len(prompt) + max_new_tokens > context:

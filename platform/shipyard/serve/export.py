@@ -4,7 +4,7 @@ LLM open, and what Shipyard's serving replicas load instead of DeepSpeed's pickl
 Whatever the training layout (ZeRO shards, pipeline stages, tensor-parallel shards), the
 checkpoint is gathered into one state dict named as the whole model's, and the model's family
 writes it as config.json, generation_config.json and safetensors (sharded with an index when
-large). A manifest, shipyard-export.json, records the job, the step, the model spec and every
+large), beside the run's tokenizer (tokenizer.json and its config; none for bytes). A manifest, shipyard-export.json, records the job, the step, the model spec and every
 file's SHA-256; a replica checks the files against it before it loads them.
 
 DeepSpeed's files are pickles (`torch.load(weights_only=False)`): loading one runs whatever code
@@ -28,11 +28,12 @@ from typing import Any
 import torch
 from pydantic import TypeAdapter
 
+from shipyard.data.tokenizer import BYTES, Tokenizer, saved_tokenizer
 from shipyard.errors import ShipyardError
 from shipyard.models import model_family
 from shipyard.models.tensor_parallel import join_shards
 from shipyard.spec.model import ModelSpec
-from shipyard.train.checkpoint import CHECKPOINT_TAG, SavedCheckpoint
+from shipyard.train.checkpoint import CHECKPOINT_TAG, TOKENIZER_FOLDER, SavedCheckpoint
 
 EXPORT_FOLDER = "export"
 MANIFEST_FILE = "shipyard-export.json"
@@ -80,11 +81,17 @@ def export_checkpoint(checkpoint: SavedCheckpoint) -> ExportedModel:
         return read_export(target)
     spec = _MODEL_SPEC.validate_python(checkpoint.job["model"])
     state = consolidated_state_dict(checkpoint, spec)
-    return write_export(target, state, spec, checkpoint.job["name"], checkpoint.step)
+    tokenizer = saved_tokenizer(Path(checkpoint.path) / TOKENIZER_FOLDER)
+    return write_export(target, state, spec, checkpoint.job["name"], checkpoint.step, tokenizer)
 
 
 def write_export(
-    target: Path, state: dict[str, torch.Tensor], spec: Any, job_name: str, step: int
+    target: Path,
+    state: dict[str, torch.Tensor],
+    spec: Any,
+    job_name: str,
+    step: int,
+    tokenizer: Tokenizer = BYTES,
 ) -> ExportedModel:
     """The family writes the folder in a staging folder beside `target`; the manifest goes last
     and the folder is renamed into place, so a crash never leaves a half-written export that
@@ -92,7 +99,8 @@ def write_export(
     checkpoint), theirs is kept."""
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent))
     try:
-        files = model_family(spec).export(state, staging)
+        files = model_family(spec).export(state, staging, tokenizer.end_of_text)
+        files += tokenizer.save(staging, spec.sequence_length)
         manifest = {
             "job": job_name,
             "step": step,

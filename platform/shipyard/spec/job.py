@@ -10,6 +10,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from shipyard.spec.data import (
+    PYTHON_STDLIB,
+    DataSpec,
+    TokenizerSpec,
+    tokenizer_document,
+)
 from shipyard.spec.model import (
     BYTE_VOCABULARY,
     GptModelSpec,
@@ -19,22 +25,15 @@ from shipyard.spec.model import (
     with_default_type,
 )
 
-__all__ = ["BYTE_VOCABULARY", "GptModelSpec", "JobSpec", "ModelSpec"]
-
-PYTHON_STDLIB = "python-stdlib"
-
-
-class DataSpec(Strict):
-    """Where the training text comes from and how it is split."""
-
-    source: str = Field(
-        PYTHON_STDLIB,
-        description="'python-stdlib' (this machine's Python standard library source), "
-        "or a path to a .txt/.jsonl file or a folder of text files.",
-    )
-    text_field: str = "text"
-    max_bytes: int | None = Field(4_000_000, ge=1024)
-    validation_fraction: float = Field(0.05, gt=0.0, le=0.5)
+__all__ = [
+    "BYTE_VOCABULARY",
+    "PYTHON_STDLIB",
+    "DataSpec",
+    "GptModelSpec",
+    "JobSpec",
+    "ModelSpec",
+    "TokenizerSpec",
+]
 
 
 class TrainSpec(Strict):
@@ -307,6 +306,11 @@ class JobSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
     model: ModelSpec = GptModelSpec()
     data: DataSpec = DataSpec()
+    tokenizer: TokenizerSpec | None = Field(
+        None,
+        description="bytes, {path: FOLDER} or {train: {vocab_size: N}}; by default the model "
+        "folder's tokenizer when it has one, else bytes",
+    )
     train: TrainSpec = TrainSpec()
     storage: str = Field(
         "runs",
@@ -328,6 +332,11 @@ class JobSpec(Strict):
     @classmethod
     def _gpt_by_default(cls, document: Any) -> Any:
         return with_default_type(document)
+
+    @field_validator("tokenizer", mode="before")
+    @classmethod
+    def _bytes_by_name(cls, document: Any) -> Any:
+        return tokenizer_document(document)
 
     @model_validator(mode="after")
     def _fits_the_model(self) -> JobSpec:

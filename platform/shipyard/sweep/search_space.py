@@ -99,8 +99,9 @@ def check_sweep(job: JobSpec, source: str) -> tuple[Dimension, ...]:
 
 
 def shapes_corpus(path: str) -> bool:
-    """Whether the field changes the token windows a trial trains on."""
-    return path.startswith("data.") or path == "model.sequence_length"
+    """Whether the field changes the tokens a trial trains on (the sequence length only cuts
+    the same tokens into other windows)."""
+    return path.startswith(("data.", "tokenizer."))
 
 
 def parse_search_space(space: Any, base: JobSpec, source: str) -> tuple[Dimension, ...]:

@@ -27,8 +27,9 @@ def trial_job(base: JobSpec, values: dict[str, Any], run_name: str, storage: str
 
 
 def corpus_key(job: JobSpec) -> str:
-    """Jobs with equal keys train on the same token windows."""
-    return json.dumps([job.data.model_dump(mode="json"), job.model.sequence_length])
+    """Jobs with equal keys train on the same tokens."""
+    tokenizer = job.tokenizer.model_dump(mode="json") if job.tokenizer else None
+    return json.dumps([job.data.model_dump(mode="json"), tokenizer])
 
 
 def run_trial(config: dict[str, Any], *, base: dict, corpora: dict[str, Corpus], runs: str) -> None:

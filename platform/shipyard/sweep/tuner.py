@@ -18,7 +18,7 @@ from typing import Any
 import ray
 from ray import tune
 
-from shipyard.data.corpus import Corpus, build_corpus
+from shipyard.data.corpus import Corpus, prepare_corpus
 from shipyard.errors import ResourceError, SpecError
 from shipyard.spec.job import JobSpec
 from shipyard.storage import (
@@ -282,7 +282,7 @@ def build_corpora(job: JobSpec, dimensions: tuple[Dimension, ...]) -> dict[str, 
         )
         key = corpus_key(trial)
         if key not in corpora:
-            corpora[key] = build_corpus(trial.data, trial.model.sequence_length)
+            corpora[key] = prepare_corpus(trial)
     return corpora
 
 

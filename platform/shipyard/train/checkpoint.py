@@ -12,6 +12,7 @@ from shipyard.storage import download_folder, is_remote, local_mirror, open_stor
 
 CHECKPOINT_TAG = "deepspeed"  # DeepSpeed's tag folder inside every Ray checkpoint
 METADATA_FILE = "shipyard.json"  # job spec, plan and metrics, written by rank 0
+TOKENIZER_FOLDER = "tokenizer"  # the run's tokenizer (none for bytes), written by rank 0
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's registry of a run
 
 # Model fields a resumed run may change: they change the computation, not the saved state.

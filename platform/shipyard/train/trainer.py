@@ -15,7 +15,6 @@ import ray
 import ray.train
 from ray.train import (
     CheckpointConfig,
-    DataConfig,
     FailureConfig,
     RunConfig,
     ScalingConfig,
@@ -24,7 +23,7 @@ from ray.train import (
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Empty, Queue
 
-from shipyard.data.corpus import Corpus, build_corpus
+from shipyard.data.corpus import Corpus, prepare_corpus
 from shipyard.errors import ResourceError, SpecError, TrainingError
 from shipyard.plan.plan import ParallelPlan, make_plan
 from shipyard.spec.cluster import ClusterSpec
@@ -78,7 +77,7 @@ def run_training(
     check_resources(plan, ray.cluster_resources())
     check_resumable(job)
     if corpus is None:
-        corpus = build_corpus(job.data, job.model.sequence_length)
+        corpus = prepare_corpus(job)
     check_enough_data(corpus, plan, job)
     if on_corpus:
         on_corpus(corpus)
@@ -201,6 +200,8 @@ def build_trainer(
             "stop_at_step": stop_at_step,
             "fault": asdict(fault) if fault else None,
             "start_checkpoint": start_checkpoint,
+            "corpus": corpus.to_dict(),
+            "corpus_filesystem": ray_storage(corpus.location)[1],
         },
         torch_config=TorchConfig(backend=plan.backend),
         scaling_config=ScalingConfig(
@@ -217,9 +218,6 @@ def build_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
             callbacks=[ForwardMetrics(metrics_queue)],
         ),
-        # Every rank reads the whole corpus and takes its replica's slice of each global batch.
-        datasets={"train": corpus.train, "validation": corpus.validation},
-        dataset_config=DataConfig(datasets_to_split=[]),
     )
 
 
@@ -281,17 +279,17 @@ def check_resumable(job: JobSpec) -> None:
 def check_enough_data(corpus: Corpus, plan: ParallelPlan, job: JobSpec) -> None:
     """Each split needs at least one global micro-batch (every replica's share of one)."""
     needed = sum(plan.micro_batches)
-    for split, windows in (
-        ("training", corpus.train_windows),
-        ("validation", corpus.validation_windows),
-    ):
+    length = job.model.sequence_length
+    for split, name in (("train", "training"), ("validation", "validation")):
+        windows = corpus.windows(split, length)
         if windows < needed:
             raise SpecError(
-                f"data.source: {corpus.source!r} gives {windows} {split} windows of "
-                f"{job.model.sequence_length + 1} tokens, fewer than the {needed} one micro-step "
+                f"data.source: {corpus.source!r} gives {windows} {name} windows of "
+                f"{length + 1} tokens ({corpus.tokens[split]:,} tokens from "
+                f"{corpus.documents[split]} documents), fewer than the {needed} one micro-step "
                 f"takes (train.micro_batch_size {plan.micro_batch_size} × "
-                f"{plan.data_parallel_size} replicas). To fix: use more text (data.max_bytes), "
-                "a shorter model.sequence_length or a smaller micro-batch."
+                f"{plan.data_parallel_size} replicas). To fix: use more text, a shorter "
+                "model.sequence_length or a smaller micro-batch."
             )
 
 

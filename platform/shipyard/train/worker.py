@@ -18,22 +18,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import ray.train
 import torch
 import torch.distributed as dist
 
 from shipyard.data.batches import (
+    TokenStream,
     evaluation_batches,
-    load_windows,
     replica_slices,
     training_batches,
 )
+from shipyard.data.corpus import Corpus, local_corpus
 from shipyard.errors import PlacementError
 from shipyard.models.loss import language_model_loss
 from shipyard.models.tensor_parallel import TensorParallel
 from shipyard.plan.plan import ParallelPlan
 from shipyard.spec.job import JobSpec
-from shipyard.train.checkpoint import CHECKPOINT_TAG, METADATA_FILE
+from shipyard.train.checkpoint import CHECKPOINT_TAG, METADATA_FILE, TOKENIZER_FOLDER
 from shipyard.train.deepspeed_config import deepspeed_config
 from shipyard.train.engine import (
     apply_hyperparameters,
@@ -63,6 +65,8 @@ def train_loop(config: dict[str, Any]) -> None:
     worker = Worker(
         job,
         plan,
+        Corpus.from_dict(config["corpus"]),
+        corpus_filesystem=config.get("corpus_filesystem"),
         stop_at_step=config.get("stop_at_step"),
         fault=fault,
         start_checkpoint=config.get("start_checkpoint"),
@@ -77,9 +81,11 @@ class Worker:
         self,
         job: JobSpec,
         plan: ParallelPlan,
+        corpus: Corpus,
         stop_at_step: int | None,
         fault: Fault | None,
         start_checkpoint: ray.train.Checkpoint | None = None,
+        corpus_filesystem: Any = None,
     ):
         import deepspeed
 
@@ -112,8 +118,12 @@ class Worker:
         config = deepspeed_config(plan, job.train, micro_batch_size=micro[replica])
         self.engine = build_engine(job, plan, config, self.tp)
         self.step = self._restore(start_checkpoint)
-        self.train_windows = load_windows(ray.train.get_dataset_shard("train"))
-        self.validation_windows = load_windows(ray.train.get_dataset_shard("validation"))
+        # Streamed from this machine's disk (downloaded once per machine from S3).
+        folder = local_corpus(corpus, corpus_filesystem)
+        length = job.model.sequence_length
+        self.train_stream = TokenStream(folder / "train.bin", corpus.dtype, length)
+        self.validation_stream = TokenStream(folder / "validation.bin", corpus.dtype, length)
+        self.tokenizer = corpus.tokenizer
 
     def run(self) -> None:
         """Train until the final step, reporting metrics and checkpoints on the job's cadence."""
@@ -142,8 +152,9 @@ class Worker:
                 "lr": self.engine.get_lr()[0],
                 "step_time_s": step_time,
                 "tokens_per_s": self.tokens_per_step / step_time,
-                "epoch": self.step * self.plan.global_batch_size / len(self.train_windows),
+                "epoch": self.step * self.plan.global_batch_size / self.train_stream.windows,
                 "resumed_from_step": resumed_from,
+                "rss_mib": psutil.Process().memory_info().rss / 2**20,  # this rank's host memory
             }
             if not reported:  # the first report of this run says where each rank really runs
                 metrics["node_types"] = self.placement
@@ -169,16 +180,19 @@ class Worker:
     def _micro_batches(self):
         skip = self.step * self.plan.gradient_accumulation
         for tokens in training_batches(
-            self.train_windows, self.global_micro_batch, self.train.seed, skip
+            self.train_stream, self.global_micro_batch, self.train.seed, skip, rows=self.slice
         ):
-            tokens = tokens[self.slice].to(self.device)
+            tokens = tokens.to(self.device)
             yield tokens[:, :-1], tokens[:, 1:]
 
     def _evaluate(self) -> dict[str, float]:
         mine = [
-            tokens[self.slice].to(self.device)
+            tokens.to(self.device)
             for tokens in evaluation_batches(
-                self.validation_windows, self.global_micro_batch, self.train.eval_batches
+                self.validation_stream,
+                self.global_micro_batch,
+                self.train.eval_batches,
+                rows=self.slice,
             )
         ]
         batches = [(tokens[:, :-1], tokens[:, 1:]) for tokens in mine]
@@ -206,6 +220,8 @@ class Worker:
             )
             if self.rank == 0:
                 _write_metadata(Path(folder), self.job, self.plan, metrics)
+                # The tokenizer travels with every checkpoint, into every export.
+                self.tokenizer.save(Path(folder) / TOKENIZER_FOLDER, self.job.model.sequence_length)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         finally:
             shutil.rmtree(folder, ignore_errors=True)

@@ -28,11 +28,18 @@ import torch
 from torch import nn
 
 from shipyard.models.export_files import save_weights
-from shipyard.models.family import PieceStack, PipelineLayers, drop_prefix, logits_of, seeded
+from shipyard.models.family import (
+    PieceStack,
+    PipelineLayers,
+    check_vocabulary,
+    drop_prefix,
+    logits_of,
+    seeded,
+)
 from shipyard.models.measure import Pieces, measure
 from shipyard.models.size import ModelSize
 from shipyard.models.tensor_parallel import SINGLE, TensorParallel
-from shipyard.spec.model import PythonModelSpec
+from shipyard.spec.model import BYTE_VOCABULARY, PythonModelSpec
 
 
 class PythonFamily:
@@ -54,9 +61,11 @@ class PythonFamily:
     def sharding(self) -> dict[str, tuple[int, int]]:
         return {}
 
-    def check(self, train) -> None:
-        """The factory imports, returns a module whose logits have the vocabulary's width, and
-        the module can be trained in the layout `train` asks for."""
+    def check(self, train, tokenizer_vocabulary: int = BYTE_VOCABULARY) -> None:
+        """The factory imports, returns a module whose logits have the vocabulary's width, the
+        vocabulary covers the tokenizer's, and the module can be trained in the layout `train`
+        asks for."""
+        check_vocabulary("model.vocabulary_size", self.vocabulary_size, tokenizer_vocabulary)
         module = self._meta_module()
         tokens = torch.zeros((1, self.spec.sequence_length), dtype=torch.long, device="meta")
         try:
@@ -145,7 +154,9 @@ class PythonFamily:
         blocks = sorted({type(piece).__name__ for piece in pieces[1:-1]})
         return PipelineLayers(list(pieces), leading=1, trailing=1, checkpointable=blocks)
 
-    def export(self, state: dict[str, torch.Tensor], folder: Path) -> list[str]:
+    def export(
+        self, state: dict[str, torch.Tensor], folder: Path, end_of_text: int | None = None
+    ) -> list[str]:
         """Safetensors named as the module names its weights; a transformers model also gets
         its config, so transformers loads the folder."""
         module = self._meta_module()
@@ -156,6 +167,7 @@ class PythonFamily:
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "save_pretrained"):
             config.save_pretrained(folder)
+            files.append("config.json")
         return files
 
     def load_module(self, folder: Path, device: str) -> nn.Module:
@@ -168,10 +180,15 @@ class PythonFamily:
 
     def load_for_serving(self, folder: Path, device: str):
         """Without a KV cache, the generator recomputes the prefix for every new token."""
+        from shipyard.data.tokenizer import saved_tokenizer
         from shipyard.models.generation import CausalLMGenerator
 
+        tokenizer = saved_tokenizer(folder)
         model = self.load_module(folder, device).eval()
-        return CausalLMGenerator(model, self.spec.sequence_length, uses_cache=False)
+        length = self.spec.sequence_length
+        return CausalLMGenerator(
+            model, length, False, tokenizer.end_of_text, tokenizer.vocabulary_size
+        )
 
     def _factory(self) -> Any:
         module_name, _, function_name = self.spec.factory.partition(":")

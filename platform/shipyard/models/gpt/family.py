@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from shipyard.models.export_files import save_weights
-from shipyard.models.family import PipelineLayers
+from shipyard.models.family import PipelineLayers, check_vocabulary
 from shipyard.models.gpt.huggingface import from_gpt2, gpt2_config, to_gpt2
 from shipyard.models.gpt.model import GPT, layer_recipes
 from shipyard.models.size import ModelSize
 from shipyard.models.tensor_parallel import SHARDING, SINGLE, TensorParallel
-from shipyard.spec.model import GptModelSpec, divisors
+from shipyard.spec.model import BYTE_VOCABULARY, GptModelSpec, divisors
 
 
 class GptFamily:
@@ -35,8 +35,9 @@ class GptFamily:
     def sharding(self) -> dict[str, tuple[int, int]]:
         return SHARDING
 
-    def check(self, train) -> None:
-        """The spec's own validators already checked the layout against the GPT."""
+    def check(self, train, tokenizer_vocabulary: int = BYTE_VOCABULARY) -> None:
+        """The spec's own validators checked the layout; the tokenizer is checked here."""
+        check_vocabulary("model.vocabulary_size", self.vocabulary_size, tokenizer_vocabulary)
 
     def layout_problem(self, pipeline_stages: int, tensor_parallel: int) -> str | None:
         if pipeline_stages > self.spec.layers:
@@ -87,15 +88,17 @@ class GptFamily:
         layers = [LayerSpec(cls, *args) for cls, *args in layer_recipes(self.spec, seed, tp)]
         return PipelineLayers(layers, leading=1, trailing=1, checkpointable=["Block"])
 
-    def export(self, state: dict[str, torch.Tensor], folder: Path) -> list[str]:
+    def export(
+        self, state: dict[str, torch.Tensor], folder: Path, end_of_text: int | None = None
+    ) -> list[str]:
         """A GPT-2 folder (see huggingface.py) that transformers loads as GPT2LMHeadModel."""
         from transformers import GenerationConfig
 
         files = save_weights(to_gpt2(state, self.spec), folder)
-        config = gpt2_config(self.spec)
+        config = gpt2_config(self.spec, end_of_text)
         config.save_pretrained(folder)
         GenerationConfig.from_model_config(config).save_pretrained(folder)
-        return files
+        return [*files, "config.json", "generation_config.json"]
 
     def load_module(self, folder: Path, device: str) -> GPT:
         """The GPT with an export's (GPT-2 named) weights."""
@@ -106,7 +109,12 @@ class GptFamily:
         return model.to(device)
 
     def load_for_serving(self, folder: Path, device: str):
-        """The batch-invariant KV-cache generator of models/gpt/generation.py."""
+        """The batch-invariant KV-cache generator of models/gpt/generation.py, over the
+        export's tokenizer's ids."""
+        from shipyard.data.tokenizer import saved_tokenizer
         from shipyard.models.gpt.generation import TextGenerator
 
-        return TextGenerator(self.load_module(folder, device), self.spec.sequence_length)
+        tokenizer = saved_tokenizer(folder)
+        model = self.load_module(folder, device)
+        length = self.spec.sequence_length
+        return TextGenerator(model, length, tokenizer.vocabulary_size, tokenizer.end_of_text)

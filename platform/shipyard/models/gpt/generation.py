@@ -40,11 +40,20 @@ class Sequence(sampling.Sequence):
 
 
 class TextGenerator:
-    """Greedy or sampled continuation of byte-level prompts with a trained GPT."""
+    """Greedy or sampled continuation of tokenized prompts with a trained GPT; it stops at the
+    tokenizer's end-of-text token, if it has one."""
 
-    def __init__(self, model: GPT, context_length: int):
+    def __init__(
+        self,
+        model: GPT,
+        context_length: int,
+        vocabulary: int = BYTE_VOCABULARY,
+        end_of_sequence: int | None = None,
+    ):
         self.model = model.eval()
         self.context_length = context_length
+        self.vocabulary = vocabulary
+        self.end_of_sequence = end_of_sequence
         self.embedding: Embedding = model.layers[0]
         self.blocks: list[Block] = list(model.layers[1:-1])
         self.head: Head = model.layers[-1]
@@ -65,7 +74,7 @@ class TextGenerator:
     def start(self, request: GenerationRequest) -> Sequence:
         """Prefill the request's prompt alone and choose its first new token."""
         sequence = self._allocate(request)
-        sequence.produced.append(_choose(self._prefill(sequence), sequence))
+        sequence.accept(self._choose(self._prefill(sequence), sequence), self.end_of_sequence)
         return sequence
 
     @torch.inference_mode()
@@ -74,10 +83,11 @@ class TextGenerator:
         steps: a row's result never depends on which other rows share the step."""
         logits = self._decode(sequences)
         # argmax takes the first maximum of each row, alone or batched: one call for all rows.
-        greedy = logits[:, :BYTE_VOCABULARY].argmax(dim=1).tolist()
+        greedy = logits[:, : self.vocabulary].argmax(dim=1).tolist()
         for sequence, row, best in zip(sequences, logits, greedy, strict=True):
             sampled = sequence.request.temperature > 0
-            sequence.produced.append(_choose(row, sequence) if sampled else best)
+            token = self._choose(row, sequence) if sampled else best
+            sequence.accept(token, self.end_of_sequence)
 
     def check(self) -> None:
         """Raise BrokenModelError unless a fixed probe prompt gives finite logits."""
@@ -139,6 +149,9 @@ class TextGenerator:
         attended = F.scaled_dot_product_attention(heads[0, None, :, None], cached[0], cached[1])
         return attended.view(-1)
 
+    def _choose(self, logits: torch.Tensor, sequence: Sequence) -> int:
+        return choose(logits, sequence.request, sequence.generator, self.vocabulary)
+
     def _linear(self, linear: nn.Linear, rows: torch.Tensor) -> torch.Tensor:
         """`linear(rows)` computed row by row in one batched matmul (see the module docstring)."""
         count = rows.shape[0]
@@ -168,7 +181,3 @@ def _merge_heads(attended: torch.Tensor) -> torch.Tensor:
 
 def _finite(logits: torch.Tensor) -> torch.Tensor:
     return finite(logits)
-
-
-def _choose(logits: torch.Tensor, sequence: Sequence) -> int:
-    return choose(logits, sequence.request, sequence.generator)

@@ -32,8 +32,9 @@ _BLOCK = {  # GPT block parameter -> GPT-2 block parameter, and whether it is tr
 _NAME = re.compile(r"layers\.(\d+)\.(.+)")
 
 
-def gpt2_config(spec: GptModelSpec):
-    """The transformers GPT2Config of the same model."""
+def gpt2_config(spec: GptModelSpec, end_of_text: int | None = None):
+    """The transformers GPT2Config of the same model (ending generation at the tokenizer's
+    end-of-text token, if it has one)."""
     from transformers import GPT2Config
 
     return GPT2Config(
@@ -50,7 +51,7 @@ def gpt2_config(spec: GptModelSpec):
         layer_norm_epsilon=1e-5,
         tie_word_embeddings=False,
         bos_token_id=None,
-        eos_token_id=None,
+        eos_token_id=end_of_text,
         architectures=["GPT2LMHeadModel"],
     )
 

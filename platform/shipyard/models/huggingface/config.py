@@ -177,21 +177,21 @@ def weight_files(folder: Path, shown: str) -> tuple[str, ...]:
     )
 
 
-def local_folder(path: str) -> Path:
+def local_folder(path: str, field: str = "model.path") -> Path:
     """`path` as a folder on this machine: itself, or an s3:// prefix copied into Shipyard's
     cache (a new copy whenever its objects change)."""
     if not is_remote(path):
         folder = Path(path).expanduser()
         if not folder.is_dir():
             raise ValueError(
-                f"model.path: {path} is not a folder. To fix: give a folder written by "
+                f"{field}: {path} is not a folder. To fix: give a folder written by "
                 "save_pretrained, or an s3://bucket/prefix holding one."
             )
         return folder.resolve()
     store = open_store(path)
     listing = store.listing("")
     if not listing:
-        raise ValueError(f"model.path: {path} holds no objects. To fix: upload the folder there.")
+        raise ValueError(f"{field}: {path} holds no objects. To fix: upload the folder there.")
     version = hashlib.sha256(json.dumps(sorted(listing.items())).encode()).hexdigest()[:16]
     name = path.removeprefix("s3://").strip("/").replace("/", "_")
     target = cache_root() / "models" / f"{name}-{version}"
@@ -209,7 +209,7 @@ def _download(store, keys: list[str], target: Path) -> None:
         for key in keys:
             local = (staging / key).resolve()
             if not local.is_relative_to(staging.resolve()):
-                raise ValueError(f"model.path: the object {key!r} would land outside its folder.")
+                raise ValueError(f"{key!r} would land outside its folder; it is not copied.")
             local.parent.mkdir(parents=True, exist_ok=True)
             store.download(key, local)
         try:

@@ -22,7 +22,15 @@ import torch
 from torch import nn
 
 from shipyard.models.export_files import save_weights
-from shipyard.models.family import PieceStack, PipelineLayers, seeded, stack_names
+from shipyard.models.family import (
+    PieceStack,
+    PipelineLayers,
+    seeded,
+    stack_names,
+)
+from shipyard.models.family import (
+    check_vocabulary as _check_vocabulary,
+)
 from shipyard.models.huggingface.building import PieceBuilder
 from shipyard.models.huggingface.config import Resolved, resolve
 from shipyard.models.huggingface.pieces import ADAPTERS, Adapter
@@ -79,15 +87,11 @@ class HuggingFaceFamily:
             adapter.block_plan, adapter.conv1d, (adapter.embeddings[0], "lm_head")
         )
 
-    def check(self, train) -> None:
-        """The architecture, config and weights, and the layout `train` asks for."""
+    def check(self, train, tokenizer_vocabulary: int = BYTE_VOCABULARY) -> None:
+        """The architecture, config and weights, the tokenizer's vocabulary, and the layout
+        `train` asks for."""
         config = self.text_config
-        if self.vocabulary_size < BYTE_VOCABULARY:
-            raise ValueError(
-                f"model.config.vocab_size: {self.vocabulary_size} is smaller than the "
-                f"tokenizer's {BYTE_VOCABULARY} tokens (bytes). To fix: use a vocabulary of at "
-                f"least {BYTE_VOCABULARY}."
-            )
+        _check_vocabulary("model.config.vocab_size", self.vocabulary_size, tokenizer_vocabulary)
         positions = getattr(config, "max_position_embeddings", None)
         if positions is not None and self.spec.sequence_length > positions:
             raise ValueError(
@@ -186,8 +190,11 @@ class HuggingFaceFamily:
         """DeepSpeed pipeline layers, each stage materialising only its own pieces."""
         return self._builder(seed, tp).pipeline()
 
-    def export(self, state: dict[str, torch.Tensor], folder: Path) -> list[str]:
-        """config.json, generation_config.json and safetensors that transformers loads."""
+    def export(
+        self, state: dict[str, torch.Tensor], folder: Path, end_of_text: int | None = None
+    ) -> list[str]:
+        """config.json, generation_config.json and safetensors that transformers loads; a
+        config without an end token gets the tokenizer's."""
         from transformers import GenerationConfig
 
         names = stack_names(state)
@@ -199,27 +206,34 @@ class HuggingFaceFamily:
         config = copy.deepcopy(self.config)
         config.architectures = [self._model_class().__name__]
         config.dtype = "float32"
+        if end_of_text is not None and getattr(config, "eos_token_id", None) is None:
+            config.eos_token_id = end_of_text
         config.save_pretrained(folder)
         GenerationConfig.from_model_config(config).save_pretrained(folder)
-        return files
+        return [*files, "config.json", "generation_config.json"]
 
     def load_module(self, folder: Path, device: str) -> nn.Module:
         """The exported model as transformers loads it, returning logits."""
         return _Whole(self._pretrained(folder).to(device))
 
     def load_for_serving(self, folder: Path, device: str):
-        """The exported model decoding with its own KV cache, stopping at its end token."""
+        """The exported model decoding with its own KV cache over its tokenizer's ids, stopping
+        at the end token (the tokenizer's, else the generation config's)."""
         from transformers import GenerationConfig
 
+        from shipyard.data.tokenizer import saved_tokenizer
         from shipyard.models.generation import CausalLMGenerator
 
-        stop = GenerationConfig.from_pretrained(folder, local_files_only=True).eos_token_id
+        tokenizer = saved_tokenizer(folder)
+        stop = tokenizer.end_of_text
+        if stop is None:
+            stop = GenerationConfig.from_pretrained(folder, local_files_only=True).eos_token_id
         if isinstance(stop, list):
             stop = stop[0] if stop else None
         positions = getattr(self.text_config, "max_position_embeddings", None)
         context = positions or self.spec.sequence_length
         model = self._pretrained(folder).to(device)
-        return CausalLMGenerator(model, context, uses_cache=True, end_of_sequence=stop)
+        return CausalLMGenerator(model, context, True, stop, tokenizer.vocabulary_size)
 
     @staticmethod
     def _pretrained(folder: Path) -> nn.Module:

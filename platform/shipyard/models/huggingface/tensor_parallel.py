@@ -41,9 +41,14 @@ class ColumnParallel(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = copy_to_group(hidden, self.tp)
-        if self.conv1d:
-            out = hidden @ self.weight
-            return out if self.bias is None else out + self.bias
+        if self.conv1d:  # as GPT-2's Conv1D computes it, so each output is rounded alike
+            rows = hidden.reshape(-1, hidden.shape[-1])
+            out = (
+                torch.addmm(self.bias, rows, self.weight)
+                if self.bias is not None
+                else rows @ self.weight
+            )
+            return out.view(*hidden.shape[:-1], -1)
         return F.linear(hidden, self.weight, self.bias)
 
 
