@@ -48,20 +48,29 @@ def stdlib_documents(limit_bytes: int, copies: int = 1) -> list[str]:
 
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory) -> dict[str, Path]:
-    """The same documents as JSONL, as Parquet, and as a folder of text files."""
+    """The same documents as JSONL, as Parquet, as pre-tokenized Parquet (their bytes), and as
+    a folder mixing text files with a JSONL and a Parquet file."""
     folder = tmp_path_factory.mktemp("corpora")
     documents = stdlib_documents(300_000)
     (folder / "library.jsonl").write_text(
         "\n".join(json.dumps({"id": i, "content": d}) for i, d in enumerate(documents))
     )
     pq.write_table(pa.table({"body": documents}), folder / "library.parquet")
-    (folder / "text").mkdir()
-    for index, document in enumerate(documents):
-        (folder / "text" / f"{index:04d}.py").write_text(document)
+    ids = [list(d.encode()) for d in documents]
+    pq.write_table(pa.table({"input_ids": ids}), folder / "tokens.parquet")
+    mixed = folder / "mixed"
+    mixed.mkdir()
+    for index, document in enumerate(documents[:-20]):
+        (mixed / f"{index:04d}.py").write_text(document)
+    (mixed / "more.jsonl").write_text(
+        "\n".join(json.dumps({"text": d}) for d in documents[-20:-10])
+    )
+    pq.write_table(pa.table({"text": documents[-10:]}), mixed / "more.parquet")
     return {
         "jsonl": folder / "library.jsonl",
         "parquet": folder / "library.parquet",
-        "text": folder / "text",
+        "tokens": folder / "tokens.parquet",
+        "mixed": mixed,
     }
 
 
@@ -142,6 +151,15 @@ def test_a_corpus_on_s3_trains_from_a_machine_with_nothing_of_it(
         "validation.bin",
         "corpus.json",
     }, "the tokenized corpus is cached beside the checkpoints"
+
+
+def test_a_corpus_too_small_for_one_batch_is_refused_before_training(ray_session, tmp_path):
+    source = tmp_path / "tiny.jsonl"
+    source.write_text(json.dumps({"text": "print('hello')"}))
+    job = corpus_job("tiny", tmp_path / "runs", {"source": str(source)})
+    with pytest.raises(SpecError, match="gives 0 training windows of 33 tokens"):
+        run_training(job)
+    assert latest_checkpoint(str(tmp_path / "runs"), "tiny") is None
 
 
 def test_a_workers_memory_does_not_grow_with_the_corpus(ray_session, runs_dir, tmp_path):
