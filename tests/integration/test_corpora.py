@@ -34,22 +34,35 @@ BPE = {"train": {"vocab_size": 512}}
 
 
 def stdlib_documents(limit_bytes: int, copies: int = 1) -> list[str]:
-    """Python library sources, one document each (`copies` times, each copy made unique)."""
+    """Python library sources cut into documents of about 2 KB at blank lines (`copies` times,
+    each copy made unique). Many small documents make the hashed validation split hold some
+    whatever this machine's Python version ships."""
     root = Path(sysconfig.get_paths()["stdlib"])
     documents, total = [], 0
     for path in sorted(root.glob("*.py")):
         text = path.read_text(encoding="utf-8", errors="strict")
-        documents.append(text)
+        documents.extend(paragraph_groups(text, 2_000))
         total += len(text)
         if total > limit_bytes:
             break
     return [f"# copy {n}\n{text}" for n in range(copies) for text in documents]
 
 
+def paragraph_groups(text: str, size: int) -> list[str]:
+    """`text` as runs of whole paragraphs of at least `size` characters (the last may be less)."""
+    groups, current = [], ""
+    for paragraph in text.split("\n\n"):
+        current = f"{current}\n\n{paragraph}" if current else paragraph
+        if len(current) >= size:
+            groups.append(current)
+            current = ""
+    return [*groups, current] if current.strip() else groups
+
+
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory) -> dict[str, Path]:
     """The same documents as JSONL, as Parquet, as pre-tokenized Parquet (their bytes), and as
-    a folder mixing text files with a JSONL and a Parquet file."""
+    a folder ("text") mixing text files with a JSONL and a Parquet file."""
     folder = tmp_path_factory.mktemp("corpora")
     documents = stdlib_documents(300_000)
     (folder / "library.jsonl").write_text(
@@ -70,7 +83,7 @@ def corpora(tmp_path_factory) -> dict[str, Path]:
         "jsonl": folder / "library.jsonl",
         "parquet": folder / "library.parquet",
         "tokens": folder / "tokens.parquet",
-        "mixed": mixed,
+        "text": mixed,
     }
 
 

@@ -179,6 +179,7 @@ def _tensor_parallel_rank(rank: int, port: int, model: dict, out: str) -> None:
             "stage_loss": language_model_loss(stages(TOKENS), targets, tp).item(),
         }
         Path(out, f"{rank}.pt").write_bytes(pickle.dumps(results))
+        dist.barrier()  # neither rank closes its connections while the other still uses them
     finally:
         dist.destroy_process_group()
 

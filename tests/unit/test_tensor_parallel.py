@@ -64,6 +64,7 @@ def _rank_main(rank: int, port: int, spec: GptModelSpec, tokens, targets, out: s
             "greedy": greedy(model, tp),
         }
         Path(out, f"{rank}.pt").write_bytes(pickle.dumps(results))
+        dist.barrier()  # neither rank closes its connections while the other still uses them
     finally:
         dist.destroy_process_group()
 

@@ -428,12 +428,26 @@ def _diagnosed(error: Exception, data: DataSpec, sources: Sources) -> Exception:
                 return CorpusError(f"data.source: {file.uri}:{problem}")
     cause: BaseException | None = error
     while cause is not None:
-        if isinstance(cause, ShipyardError):
-            lines = [line for line in str(cause).splitlines() if "data.source" in line]
-            return CorpusError(lines[-1][lines[-1].index("data.source") :] if lines else str(cause))
+        found = _our_message(cause)
+        if found:
+            return CorpusError(found)
         cause = getattr(cause, "cause", None) or cause.__cause__
     lines = str(error).strip().splitlines()
     return CorpusError(f"data.source: reading the corpus failed: {lines[-1] if lines else error}")
+
+
+def _our_message(error: BaseException) -> str | None:
+    """Our own message inside an error Ray raised for a failed task: the error itself, or the
+    'CorpusError: data.source: …' line of the remote traceback Ray keeps only as text."""
+    text = str(error)
+    marker = "data.source:"
+    if isinstance(error, ShipyardError):
+        lines = [line for line in text.splitlines() if marker in line]
+        return lines[-1][lines[-1].index(marker) :] if lines else text
+    for line in reversed(text.splitlines()):
+        if f"{CorpusError.__name__}: {marker}" in line:
+            return line[line.index(marker) :]
+    return None
 
 
 def _first_bad_line(uri: str, field: str) -> str | None:
