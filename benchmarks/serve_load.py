@@ -1,11 +1,14 @@
-"""Serving throughput and latency on Ray Serve, batched vs unbatched, and Serve's own overhead.
+"""Serving throughput and latency on Ray Serve's OpenAI API, batched vs unbatched, streamed,
+and against in-process baselines.
 
 A bounded closed-loop load: `concurrency` clients each send their share of `--requests` greedy
-requests (`--new-tokens` each) to 127.0.0.1, one after another; the clients share the machine's
-2 cores with Serve. The same model is deployed with dynamic batching
-(max batch 16) and without (max batch 1); the model is also called in-process for the baseline.
-Prints requests/s, p50/p99 latency, the ratio batched ÷ unbatched at concurrency 16 (goal ≥ 3)
-and Serve's latency overhead over a direct call at concurrency 1.
+requests (`--new-tokens` each) to /v1/completions on 127.0.0.1, one after another; the clients
+share the machine's 2 cores with Serve. The same model is deployed with continuous batching
+(max batch 16) and without (max batch 1). Prints requests/s, p50/p99 latency, the ratio
+batched ÷ unbatched at concurrency 16 (goal ≥ 3); streamed, the time to first token and the
+inter-token latency (p50, p99) at concurrency 1 and 16; Serve's latency overhead over calling
+the model in-process at concurrency 1 (goal ≤ 2 ms p50); and tokens/s at concurrency 16 against
+`transformers`' own batched `generate` of the same prompts from the same export (goal ≥ 1×).
 
     .venv/bin/python benchmarks/serve_load.py [--job jobs/tiny-gpt.yaml] [--requests 96]
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import statistics
 import tempfile
@@ -39,6 +43,7 @@ from shipyard.train.checkpoint import latest_checkpoint
 
 PROMPTS = ["def main():", "import os\n", "class Parser:", "for line in ", "return self.", "# "]
 CONCURRENCY = (1, 4, 16)
+MODEL = "bench"  # the Serve app's name, and so the model's
 
 
 def main() -> None:
@@ -74,7 +79,7 @@ def model_to_serve(job: JobSpec, scratch: Path) -> ExportedModel:
 
 def run(job: JobSpec, export: ExportedModel, total: int, new_tokens: int, rounds: int) -> None:
     """Alternate batched and unbatched rounds, so slow spells of a shared machine hit both."""
-    directs, ratios, overheads = [], [], []
+    directs, ratios, overheads, versus = [], [], [], []
     for round_number in range(1, rounds + 1):
         print(f"round {round_number}")
         direct = direct_latency(export, new_tokens, count=20)
@@ -86,6 +91,13 @@ def run(job: JobSpec, export: ExportedModel, total: int, new_tokens: int, rounds
         ratios.append(results["batched"][16][0] / results["unbatched"][16][0])
         overheads.append(results["unbatched"][1][1] - direct)
         print(f"  direct call, one request: p50 {direct * 1000:7.1f} ms")
+        baseline = transformers_throughput(export, new_tokens, batch=16)
+        served = results["batched"][16][0] * new_tokens
+        versus.append(served / baseline)
+        print(
+            f"  tokens/s at concurrency 16: Serve {served:7.0f}, transformers' batched "
+            f"generate {baseline:7.0f} in-process"
+        )
     print(
         "throughput batched/unbatched at concurrency 16: "
         f"{' / '.join(f'{r:.2f}x' for r in ratios)} per round, median "
@@ -94,7 +106,11 @@ def run(job: JobSpec, export: ExportedModel, total: int, new_tokens: int, rounds
     overhead, direct = statistics.median(overheads), statistics.median(directs)
     print(
         f"Serve latency overhead at concurrency 1: {overhead * 1000:.1f} ms median "
-        f"({(direct + overhead) / direct:.2f}x the direct call)"
+        f"({(direct + overhead) / direct:.2f}x the direct call; goal <= 2 ms)"
+    )
+    print(
+        "Serve ÷ transformers' batched generate, tokens/s at concurrency 16: "
+        f"{' / '.join(f'{r:.2f}x' for r in versus)} per round (goal >= 1)"
     )
 
 
@@ -107,7 +123,6 @@ def measure(
         num_replicas=1,
         cpus_per_replica=1.0,
         max_batch_size=max_batch_size,
-        max_ongoing_requests=32,
     )
     service = Service("bench", export, spec)
     deploy(service)
@@ -120,7 +135,82 @@ def measure(
             f"  {label:9s} concurrency {concurrency:2d}: {throughput:6.1f} req/s  "
             f"p50 {p50 * 1000:7.1f} ms  p99 {p99 * 1000:7.1f} ms  mean batch {batch_size:4.1f}"
         )
+    if max_batch_size > 1:
+        for concurrency in (1, 16):
+            first, gaps = asyncio.run(_streams(service.url, concurrency, total, new_tokens))
+            print(
+                f"  streamed  concurrency {concurrency:2d}: time to first token p50 "
+                f"{_ms(first, 50)} p99 {_ms(first, 99)}, inter-token p50 {_ms(gaps, 50)} "
+                f"p99 {_ms(gaps, 99)}"
+            )
     return results
+
+
+def _ms(values: list[float], percentile: int) -> str:
+    return f"{np.percentile(values, percentile) * 1000:6.1f} ms"
+
+
+async def _streams(
+    url: str, concurrency: int, total: int, new_tokens: int
+) -> tuple[list[float], list[float]]:
+    """Times to the first streamed text and between text events, over `total` streams."""
+    import aiohttp
+
+    firsts, gaps = [], []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+
+        async def stream(index: int) -> None:
+            start = last = time.perf_counter()
+            seen = False
+            async with session.post(
+                f"{url}/v1/completions", json=body(index, new_tokens, stream=True)
+            ) as response:
+                response.raise_for_status()
+                async for line in response.content:
+                    if not line.startswith(b"data: {"):
+                        continue
+                    now = time.perf_counter()
+                    if not json.loads(line[6:])["choices"][0]["text"]:
+                        continue
+                    (gaps if seen else firsts).append(now - (last if seen else start))
+                    seen, last = True, now
+
+        async def client(first: int) -> None:
+            for index in range(first, total, concurrency):
+                await stream(index)
+
+        await stream(0)
+        firsts.clear()  # the warm-up stream does not count
+        gaps.clear()
+        await asyncio.gather(*(client(first) for first in range(concurrency)))
+    return firsts, gaps
+
+
+def transformers_throughput(export: ExportedModel, new_tokens: int, batch: int) -> float:
+    """Tokens/s of transformers' own batched greedy `generate` over `batch` of the benchmark's
+    prompts (left-padded), from the same export, on one thread like a one-CPU replica."""
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(export.folder, local_files_only=True).eval()
+    prompts = [list(PROMPTS[i % len(PROMPTS)].encode()) for i in range(batch)]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    timings = []
+    for _ in range(3):
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(
+                ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=0,
+            )
+        timings.append(time.perf_counter() - start)
+    return batch * new_tokens / statistics.median(timings)
 
 
 def direct_latency(export: ExportedModel, new_tokens: int, count: int) -> float:
@@ -160,10 +250,12 @@ async def _closed_loop(
 
         async def post(index: int) -> tuple[float, int]:
             start = time.perf_counter()
-            async with session.post(f"{url}/v1/generate", json=body(index, new_tokens)) as response:
+            async with session.post(
+                f"{url}/v1/completions", json=body(index, new_tokens)
+            ) as response:
                 response.raise_for_status()
                 answer = await response.json()
-            return time.perf_counter() - start, answer["batch_size"]
+            return time.perf_counter() - start, answer["shipyard"]["batch_size"]
 
         async def client(first: int) -> list[tuple[float, int]]:
             return [await post(index) for index in range(first, total, concurrency)]
@@ -182,8 +274,15 @@ async def _closed_loop(
     )
 
 
-def body(index: int, new_tokens: int) -> dict:
-    return {"prompt": PROMPTS[index % len(PROMPTS)], "max_new_tokens": new_tokens}
+def body(index: int, new_tokens: int, stream: bool = False) -> dict:
+    prompt = PROMPTS[index % len(PROMPTS)]
+    return {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": new_tokens,
+        "temperature": 0,
+        "stream": stream,
+    }
 
 
 if __name__ == "__main__":

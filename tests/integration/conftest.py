@@ -111,9 +111,12 @@ def layouts(ray_session, runs_dir):
     return run
 
 
-def shipped_job(file: str, name: str, storage: Path | str, **train) -> JobSpec:
+def shipped_job(
+    file: str, name: str, storage: Path | str, tokenizer: dict | None = None, **train
+) -> JobSpec:
     """The model of the shipped job `jobs/<file>`, trained as the tests train TINY_JOB (24
-    steps on 200 KB) with `train` changed: the shipped model itself, in a test's time."""
+    steps on 200 KB, bytes unless a `tokenizer` is given) with `train` changed: the shipped
+    model itself, in a test's time."""
     from shipyard.spec.load import read_yaml
 
     shipped = read_yaml(REPO / "jobs" / file)
@@ -124,6 +127,8 @@ def shipped_job(file: str, name: str, storage: Path | str, **train) -> JobSpec:
         "model": shipped["model"],
         "train": {**TINY_JOB["train"], **train},
     }
+    if tokenizer:
+        document["tokenizer"] = tokenizer
     return validate(JobSpec, document, source=f"<test job {name} from jobs/{file}>")
 
 

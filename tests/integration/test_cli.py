@@ -147,11 +147,20 @@ def embedded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
 
-def direct_answer(storage: Path, prompt: bytes, new_tokens: int) -> list[int]:
-    """What the latest export of cli-run generates, computed in this process."""
+def direct_answer(storage: Path, prompt: bytes, new_tokens: int) -> str:
+    """What the latest export of cli-run generates greedily, computed in this process."""
     export = read_export(Path(saved_checkpoints(str(storage), "cli-run")[-1].path, "export"))
     generator = TextGenerator(load_exported_model(export), export.model.sequence_length)
-    return generator.generate([GenerationRequest(tuple(prompt), new_tokens)])[0]
+    tokens = generator.generate([GenerationRequest(tuple(prompt), new_tokens)])[0]
+    return bytes(tokens).decode("utf-8", errors="replace")
+
+
+def served_answer(url: str, prompt: str, max_tokens: int) -> str:
+    """cli-run's greedy answer over HTTP (the OpenAI completions API)."""
+    body = {"model": "cli-run", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    response = requests.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["text"]
 
 
 def test_serve_runs_in_the_foreground_until_sigterm(cli_run, tmp_path):
@@ -170,16 +179,14 @@ def test_serve_runs_in_the_foreground_until_sigterm(cli_run, tmp_path):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: "Press Ctrl-C to stop" in log_path.read_text(), 240, "the server")
-        answer = requests.post(
-            f"{url}/v1/generate", json={"prompt": "def ", "max_new_tokens": 8}, timeout=60
-        ).json()
+        answer = served_answer(url, "def ", 8)
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=120) == 0, log_path.read_text()
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
 
-    assert answer["tokens"] == direct_answer(storage, b"def ", 8)
+    assert answer == direct_answer(storage, b"def ", 8)
     assert "Stopped: Serve and Ray were shut down." in log_path.read_text()
     wait_for(lambda: ray_daemons() <= daemons_before, 30, "the server's Ray daemons to exit")
     with pytest.raises(requests.ConnectionError):
@@ -227,8 +234,7 @@ def test_serve_deploys_to_a_running_cluster_and_returns(cli_run, ray_head):
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     assert "--shutdown" in deployed.stdout
     url = f"http://127.0.0.1:{port}"
-    answer = requests.post(f"{url}/v1/generate", json={"prompt": "x", "max_new_tokens": 5})
-    assert answer.json()["tokens"] == direct_answer(storage, b"x", 5)
+    assert served_answer(url, "x", 5) == direct_answer(storage, b"x", 5)
 
     status = shipyard_serve("--status")
     assert status.returncode == 0, status.stderr
@@ -258,8 +264,7 @@ def test_serve_deploys_to_a_running_cluster_and_returns(cli_run, ray_head):
     assert deployed_by_ray.returncode == 0, deployed_by_ray.stdout + deployed_by_ray.stderr
     wait_for(lambda: shipyard_serve("--status").returncode == 0, 120, "`serve deploy`")
     wait_for(lambda: requests.get(f"{url}/v1/health", timeout=5).status_code == 200, 120, "the app")
-    answer = requests.post(f"{url}/v1/generate", json={"prompt": "x", "max_new_tokens": 5})
-    assert answer.json()["tokens"] == direct_answer(storage, b"x", 5)
+    assert served_answer(url, "x", 5) == direct_answer(storage, b"x", 5)
     assert shipyard_serve("--shutdown").returncode == 0  # the head is shared with later tests
 
 

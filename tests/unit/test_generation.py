@@ -96,15 +96,41 @@ def test_requests_joining_a_running_batch_get_their_alone_answers(model):
     ]
     alone = [generator.generate([request])[0] for request in requests]
 
+    async def collect(stream) -> tuple[list[int], int]:
+        tokens = [token async for step in stream for token in step]
+        return tokens, stream.finished.batch_size
+
     async def arrive_in_waves():
         batcher = ContinuousBatcher(generator, max_batch_size=3)
-        first = batcher.submit(requests[:2])
-        await asyncio.sleep(0)  # a few steps run before the others arrive
-        await asyncio.sleep(0)
-        later = batcher.submit(requests[2:])
-        return await asyncio.gather(*first, *later)
+        first = [batcher.submit(request) for request in requests[:2]]
+        while batcher.stats.steps < 3:  # a few steps run before the others arrive
+            await asyncio.sleep(0.001)
+        later = [batcher.submit(request) for request in requests[2:]]
+        return await asyncio.gather(*(collect(stream) for stream in first + later))
 
     generated = asyncio.run(arrive_in_waves())
-    assert [result.tokens for result in generated] == alone
-    assert max(result.batch_size for result in generated) == 3, "capped at max_batch_size"
-    assert min(result.batch_size for result in generated) >= 2, "they shared steps"
+    assert [tokens for tokens, _ in generated] == alone
+    assert max(size for _, size in generated) == 3, "capped at max_batch_size"
+    assert min(size for _, size in generated) >= 2, "they shared steps"
+
+
+def test_a_cancelled_stream_leaves_the_batch_at_the_next_step(model):
+    """A client gone (or a stop string found): its sequence is not decoded any further, and
+    the sequence sharing its steps is unchanged."""
+    generator = TextGenerator(model, SPEC.sequence_length)
+    staying = GenerationRequest(tuple(b"def "), 20)
+    alone = generator.generate([staying])[0]
+
+    async def one_leaves():
+        batcher = ContinuousBatcher(generator, max_batch_size=4)
+        stays = batcher.submit(staying)
+        leaves = batcher.submit(GenerationRequest(tuple(b"if "), 20))
+        await leaves.__anext__()
+        leaves.cancel()
+        tokens = [token async for step in stays for token in step]
+        return tokens, batcher.stats
+
+    tokens, stats = asyncio.run(one_leaves())
+    assert tokens == alone
+    assert stats.abandoned == 1
+    assert stats.decoded_tokens < 20 + 5, "the leaver got at most a step or two more"

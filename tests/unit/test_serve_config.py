@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from pydantic import ValidationError
 
 from shipyard.cli import main
 from shipyard.errors import SpecError
-from shipyard.serve.app import GenerateBody, deployment_options
+from shipyard.serve.app import deployment_options
 from shipyard.serve.deployment import Service, write_serve_config
 from shipyard.serve.export import ExportedModel
 from shipyard.spec.job import GptModelSpec, ServeSpec
@@ -44,7 +43,10 @@ def test_fixed_replicas_and_gpu_resources():
     [
         ({"num_replicas": 2, "max_replicas": 4}, "serve.num_replicas: a fixed replica count"),
         ({"min_replicas": 3, "max_replicas": 2}, "serve.min_replicas: 3 is more than"),
-        ({"max_batch_size": 16, "max_ongoing_requests": 8}, "serve.max_ongoing_requests: 8"),
+        ({"max_ongoing_requests": 8}, "serve.max_ongoing_requests"),
+        ({"chat_template": "{% for m in messages %}"}, "serve.chat_template: not a Jinja"),
+        ({"api_keys_env": "MY KEYS"}, "serve.api_keys_env"),
+        ({"max_request_bytes": 10}, "serve.max_request_bytes"),
         ({"port": 70000}, "serve.port: 70000 is not valid"),
         ({"look_back_period_s": 5}, "serve.look_back_period_s: 5.0 must be longer than"),
         ({"max_batch_sise": 4}, "Did you mean 'max_batch_size'?"),
@@ -81,23 +83,35 @@ def test_shipped_jobs_serve_on_localhost():
     assert job.serve.max_batch_size > 1
 
 
-@pytest.mark.parametrize(
-    "body",
-    [
-        {"prompt": 5},
-        {"prompt": ""},
-        {"prompt": "a", "max_new_tokens": 0},
-        {"prompt": "a", "max_new_tokens": "8"},
-        {"prompt": "a", "max_new_tokens": True},
-        {"prompt": "a", "temperature": -1.0},
-        {"prompt": "a", "top_k": 0},
-        {"prompt": "a", "stream": True},
-        {},
-    ],
-)
-def test_request_bodies_are_checked_strictly(body):
-    with pytest.raises(ValidationError):
-        GenerateBody.model_validate(body)
+def test_serve_is_told_to_send_every_request_to_the_replica_which_queues_it():
+    """Serve's own limit is above the replica's batch and queue, so the replica, not Serve,
+    turns the extra request away (with a 429 in OpenAI's shape)."""
+    spec = ServeSpec(max_batch_size=4, max_queued_requests=6)
+    assert deployment_options(spec)["max_ongoing_requests"] > 4 + 6
+
+
+def test_api_keys_reach_the_replicas_through_their_environment_only(tmp_path, monkeypatch):
+    from shipyard.serve.app import build_app
+
+    export = ExportedModel(tmp_path, "tiny", 1, GptModelSpec(), {"model.safetensors": "0" * 64})
+    service = Service("tiny", export, ServeSpec(api_keys_env="TINY_KEYS"))
+    monkeypatch.delenv("TINY_KEYS", raising=False)
+    with pytest.raises(ValueError, match="TINY_KEYS is not set"):
+        build_app(service.application_args())
+    monkeypatch.setenv("TINY_KEYS", "k1,k2")
+    app = build_app(service.application_args())
+    options = app._bound_deployment.ray_actor_options
+    assert options["runtime_env"] == {"env_vars": {"TINY_KEYS": "k1,k2"}}
+    assert "k1" not in write_serve_config(service, tmp_path).read_text()
+
+
+def test_serving_on_an_open_address_without_keys_is_flagged(tmp_path):
+    export = ExportedModel(tmp_path, "tiny", 1, GptModelSpec(), {"model.safetensors": "0" * 64})
+    exposed = [
+        Service("tiny", export, ServeSpec(host=host, api_keys_env=keys)).exposed_without_keys
+        for host, keys in (("0.0.0.0", None), ("0.0.0.0", "K"), ("127.0.0.1", None))
+    ]
+    assert exposed == [True, False, False]
 
 
 @pytest.fixture

@@ -191,6 +191,13 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
         return 0
     # Decide first: a bad checkpoint fails before Ray starts.
     service = deployment.prepare_service(job, args.checkpoint, args.host, args.port)
+    if service.exposed_without_keys:
+        console.print(
+            f"[yellow]Warning:[/] serving on {service.spec.host}, which other machines can "
+            "reach, with no API keys: anyone who reaches the port can use the model. Set "
+            "serve.api_keys_env, or serve on 127.0.0.1.",
+            highlight=False,
+        )
     config = deployment.write_serve_config(service, run_folder(job.storage, job.name))
     console.print(
         f"[bold]{job.name}[/]: serving step {service.export.step} from {service.export.folder}",
@@ -212,10 +219,12 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
 
 
 def _serving_summary(service, config: Path) -> str:
+    key = " -H 'authorization: Bearer $KEY'" if service.spec.api_keys_env else ""
     return (
-        f"Serving on {service.url}  (GET /v1/health, GET /v1/model, POST /v1/generate)\n"
-        f"Try: curl -s {service.url}/v1/generate -H 'content-type: application/json' "
-        f"""-d '{{"prompt": "def main():", "max_new_tokens": 32}}'\n"""
+        f"Serving {service.name} on {service.url}/v1 (OpenAI API: completions, chat/completions, "
+        "models; GET /v1/health)\n"
+        f"Try: curl -s {service.url}/v1/completions{key} -H 'content-type: application/json' "
+        f"""-d '{{"model": "{service.name}", "prompt": "def main():", "max_tokens": 32}}'\n"""
         f"Serve config for `serve deploy` on a cluster: {config}"
     )
 

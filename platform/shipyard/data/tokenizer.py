@@ -30,10 +30,12 @@ KNOWN_END_TOKENS = (END_OF_TEXT, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>
 
 @dataclass(frozen=True)
 class Tokenizer:
-    """Bytes (`definition` None) or a tokenizer.json; `end_of_text` separates documents."""
+    """Bytes (`definition` None) or a tokenizer.json; `end_of_text` separates documents; a
+    chat template travels with it to the export (it changes no ids, so no corpus key)."""
 
     definition: str | None = None  # tokenizer.json's text
     end_of_text: int | None = None
+    chat_template: str | None = None
 
     @property
     def vocabulary_size(self) -> int:
@@ -63,6 +65,12 @@ class Tokenizer:
         encoded = self._backend.encode_batch_fast(list(texts), add_special_tokens=False)
         return [np.asarray(each.ids, dtype=np.int64) for each in encoded]
 
+    def token_text(self, token: int | None) -> str:
+        """A special token's text, as a chat template writes it ('' for none, or for bytes)."""
+        if token is None or self.definition is None:
+            return ""
+        return self._backend.id_to_token(token) or ""
+
     def decode(self, ids: Iterable[int]) -> str:
         if self.definition is None:
             return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
@@ -79,6 +87,8 @@ class Tokenizer:
             config["eos_token"] = self._backend.id_to_token(self.end_of_text)
         if max_length:
             config["model_max_length"] = max_length
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
         (folder / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2))
         return [TOKENIZER_FILE, TOKENIZER_CONFIG]
 
@@ -102,7 +112,8 @@ def from_folder(folder: Path, shown: str) -> Tokenizer:
         raise ValueError(
             f"tokenizer.path: {shown}/{TOKENIZER_FILE} does not load: {error}"
         ) from None
-    return Tokenizer(definition, _end_token(folder, backend))
+    config = _tokenizer_config(folder)
+    return Tokenizer(definition, _end_token(config, backend), _chat_template(folder, config))
 
 
 def saved_tokenizer(folder: Path) -> Tokenizer:
@@ -131,18 +142,37 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int) -> Toke
     return Tokenizer(backend.to_str(), backend.token_to_id(END_OF_TEXT))
 
 
-def _end_token(folder: Path, backend: Any) -> int | None:
-    config_file = folder / TOKENIZER_CONFIG
-    named = None
-    if config_file.is_file():
-        try:
-            named = json.loads(config_file.read_text()).get("eos_token")
-        except (json.JSONDecodeError, AttributeError):
-            named = None
+def _tokenizer_config(folder: Path) -> dict[str, Any]:
+    """tokenizer_config.json's settings ({} when it is missing or unreadable: only optional
+    settings come from it)."""
+    try:
+        config = json.loads((folder / TOKENIZER_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _end_token(config: dict[str, Any], backend: Any) -> int | None:
+    named = config.get("eos_token")
     if isinstance(named, dict):  # {"content": "</s>", ...}
         named = named.get("content")
-    for token in ([named] if named else []) + list(KNOWN_END_TOKENS):
+    for token in ([named] if isinstance(named, str) else []) + list(KNOWN_END_TOKENS):
         found = backend.token_to_id(token)
         if found is not None:
             return found
     return None
+
+
+def _chat_template(folder: Path, config: dict[str, Any]) -> str | None:
+    """The folder's chat template: chat_template.jinja (newer transformers) or the config's
+    `chat_template` (a string, or named templates of which 'default' is the one)."""
+    file = folder / "chat_template.jinja"
+    if file.is_file():
+        return file.read_text()
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {
+            each.get("name"): each.get("template") for each in template if isinstance(each, dict)
+        }
+        template = named.get("default")
+    return template if isinstance(template, str) else None

@@ -15,13 +15,15 @@ class BrokenModelError(RuntimeError):
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One prompt, already tokenized, and how to continue it (temperature 0 is greedy)."""
+    """One prompt, already tokenized, and how to continue it (temperature 0 is greedy; top_k
+    and top_p keep the most likely tokens, by count and by cumulative probability)."""
 
     prompt: tuple[int, ...]
     max_new_tokens: int
     temperature: float = 0.0
     top_k: int | None = None
     seed: int = 0
+    top_p: float = 1.0
 
 
 @dataclass
@@ -60,17 +62,31 @@ def choose(
     generator: torch.Generator,
     vocabulary: int = BYTE_VOCABULARY,
 ) -> int:
-    """The next token: argmax at temperature 0, else a seeded sample (optionally top-k). Only
-    the tokenizer's `vocabulary` ids are candidates (a model's vocabulary may be padded)."""
-    logits = logits[:vocabulary].float().cpu()
+    """The next token: argmax at temperature 0, else a seeded sample (optionally top-k and
+    top-p). Only the tokenizer's `vocabulary` ids are candidates (a model's vocabulary may be
+    padded)."""
+    logits = logits[:vocabulary].double().cpu()
     if request.temperature == 0:
         return int(torch.argmax(logits))
-    logits = logits / request.temperature
-    if request.top_k is not None and request.top_k < logits.numel():
-        threshold = torch.topk(logits, request.top_k).values[-1]
-        logits = logits.masked_fill(logits < threshold, float("-inf"))
-    probabilities = torch.softmax(logits, dim=0)
+    # Shifted so the best logit is 0 before dividing: at any positive temperature, however
+    # small, every value stays in [-inf, 0] and the softmax never sees inf - inf.
+    scaled = (logits - logits.max()) / request.temperature
+    if request.top_k is not None and request.top_k < scaled.numel():
+        threshold = torch.topk(scaled, request.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
+    probabilities = torch.softmax(scaled, dim=0)
+    if request.top_p < 1.0:
+        probabilities = nucleus(probabilities, request.top_p)
     return int(torch.multinomial(probabilities, 1, generator=generator))
+
+
+def nucleus(probabilities: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The smallest set of most likely tokens whose probabilities reach `top_p` (the most
+    likely one always kept), the rest zeroed."""
+    ordered, order = torch.sort(probabilities, descending=True)
+    before = torch.cumsum(ordered, dim=0) - ordered  # the mass of the tokens ranked above
+    ordered = ordered.masked_fill(before >= top_p, 0.0)
+    return torch.zeros_like(probabilities).scatter(0, order, ordered)
 
 
 def check_fits(request: GenerationRequest, context_length: int) -> None:

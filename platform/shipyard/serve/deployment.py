@@ -6,6 +6,7 @@ Deciding (which checkpoint, which options) is plain functions of the job spec; o
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +47,18 @@ class Service:
     def url(self) -> str:
         return f"http://{self.spec.host}:{self.spec.port}"
 
+    @property
+    def exposed_without_keys(self) -> bool:
+        """Reachable from other machines (not a loopback host) and open to anyone."""
+        loopback = self.spec.host in ("localhost", "::1") or self.spec.host.startswith("127.")
+        return not loopback and not self.spec.api_keys_env
+
     def application_args(self) -> dict[str, Any]:
-        return {"export": str(self.export.folder), "serve": self.spec.model_dump(mode="json")}
+        return {
+            "export": str(self.export.folder),
+            "serve": self.spec.model_dump(mode="json"),
+            "name": self.name,
+        }
 
 
 def prepare_service(
@@ -59,6 +70,11 @@ def prepare_service(
     """Find the checkpoint (default: the job's latest), export it once, apply CLI overrides."""
     overrides = {key: value for key, value in (("host", host), ("port", port)) if value}
     spec = ServeSpec.model_validate({**job.serve.model_dump(), **overrides})
+    if spec.api_keys_env and not os.environ.get(spec.api_keys_env, "").strip():
+        raise ServeError(
+            f"serve.api_keys_env: the environment variable {spec.api_keys_env} is not set, so "
+            f"no key would be accepted. To fix: export {spec.api_keys_env}=<key>[,<key>…]."
+        )
     return Service(name=job.name, export=_export_for(job, checkpoint), spec=spec)
 
 

@@ -173,12 +173,46 @@ class ServeSpec(Strict):
     metrics_interval_s: float = Field(10.0, gt=0)
     cpus_per_replica: float = Field(1.0, gt=0)
     gpus_per_replica: float = Field(0.0, ge=0)
-    max_ongoing_requests: int = Field(32, ge=1)
-    max_batch_size: int = Field(8, ge=1, description="1 turns dynamic batching off")
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
-    default_max_new_tokens: int = Field(32, ge=1)
+    max_batch_size: int = Field(8, ge=1, description="sequences decoding together; 1: no batching")
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0, description="an idle replica waits this long for company before decoding"
+    )
+    max_queued_requests: int = Field(
+        32, ge=0, description="requests a replica holds beyond a full batch; more get a 429"
+    )
+    request_timeout_s: float = Field(300.0, gt=0, description="a request past it gets a 504")
+    max_request_bytes: int = Field(1_000_000, ge=1024, description="a larger body gets a 413")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="default: the context")
+    max_completion_tokens: int | None = Field(None, ge=1, description="cap on max_tokens")
+    default_max_tokens: int = Field(64, ge=1, description="when a request gives no max_tokens")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template, when the tokenizer has none (or to replace it)"
+    )
+    api_keys_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="environment variable holding the accepted API keys (comma-separated)",
+    )
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
+
+    @property
+    def max_ongoing_requests(self) -> int:
+        """Serve's per-replica limit: a full batch and its queue, with room for the request
+        the replica turns away itself (with a 429 in OpenAI's shape) and for metadata calls."""
+        return 2 * (self.max_batch_size + self.max_queued_requests) + 4
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_parses(cls, template: str | None) -> str | None:
+        if template is not None:
+            from shipyard.serve.chat import compile_template
+
+            try:
+                compile_template(template)
+            except ValueError as error:
+                raise ValueError(f"serve.chat_template: not a Jinja template: {error}") from None
+        return template
 
     @property
     def autoscaling(self) -> bool:
@@ -209,12 +243,6 @@ class ServeSpec(Strict):
                 f"serve.look_back_period_s: {self.look_back_period_s} must be longer than "
                 f"serve.metrics_interval_s {self.metrics_interval_s}, or the average has one "
                 "sample. To fix: raise look_back_period_s or lower metrics_interval_s."
-            )
-        if self.max_ongoing_requests < self.max_batch_size:
-            raise ValueError(
-                f"serve.max_ongoing_requests: {self.max_ongoing_requests} is less than "
-                f"serve.max_batch_size {self.max_batch_size}, so a batch could never fill. "
-                f"To fix: set max_ongoing_requests to at least {self.max_batch_size}."
             )
         return self
 
