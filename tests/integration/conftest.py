@@ -37,6 +37,8 @@ TINY_JOB = {
         "seed": 11,
     },
     "failure": {"max_failures": 0},
+    # Off for speed (an MLflow store costs seconds a run); tests of tracking turn it on.
+    "tracking": {"mlflow": False, "tensorboard": False},
 }
 
 

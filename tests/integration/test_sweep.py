@@ -46,7 +46,9 @@ SWEEP_ACTORS = {
 }
 
 
-def sweep_job(name: str, storage, sweep: dict, model: dict | None = None, **train) -> JobSpec:
+def sweep_job(
+    name: str, storage, sweep: dict, model: dict | None = None, tracking=None, **train
+) -> JobSpec:
     """TINY_JOB (or its `model` instead) checkpointed and evaluated every 8 steps, with 0.45
     CPU per worker so two 2-worker trials (and their own small actors) fit on 2 cores at once."""
     train = {
@@ -59,6 +61,8 @@ def sweep_job(name: str, storage, sweep: dict, model: dict | None = None, **trai
     document = {**TINY_JOB, "name": name, "storage": str(storage), "train": train, "sweep": sweep}
     if model:
         document["model"] = model
+    if tracking is not None:
+        document["tracking"] = tracking
     return validate(JobSpec, document, source=f"<test job {name}>")
 
 
@@ -177,6 +181,7 @@ def test_pbt_continues_a_weak_trial_from_a_strong_ones_checkpoint(ray_session, t
             "pbt": {"perturbation_interval": 8, "quantile_fraction": 0.5, "synch": True},
         },
         model=TINY_LLAMA,
+        tracking={},  # the default MLflow store and TensorBoard folders
         max_steps=12,  # one perturbation, then 4 steps of the exploited checkpoint
         eval_every=4,
         checkpoint_every=4,
@@ -210,6 +215,8 @@ def test_pbt_continues_a_weak_trial_from_a_strong_ones_checkpoint(ray_session, t
             expected = row["config"]["train.lr"] * lr_factor(row["step"], job.train)
             assert math.isclose(row["lr"], expected, rel_tol=1e-6), (row["step"], row["lr"])
 
+    assert_tracked_as_parent_and_children(job, rows)
+
     leftover_groups = [
         group for group in list_placement_groups(address=address) if group.state != "REMOVED"
     ]
@@ -222,3 +229,30 @@ def test_pbt_continues_a_weak_trial_from_a_strong_ones_checkpoint(ray_session, t
         and actor.class_name in SWEEP_ACTORS
     ]
     assert not leftover_actors, leftover_actors
+
+
+def assert_tracked_as_parent_and_children(job: JobSpec, rows: list[dict]) -> None:
+    """One MLflow run for the sweep and one child per trial with the trial's values; the
+    exploit shows on the child that took another's checkpoint; TensorBoard has a folder per
+    trial."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folder = sweep_folder(job)
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(job.name).experiment_id])
+    (parent,) = [run for run in runs if run.data.tags.get("shipyard.kind") == "sweep"]
+    children = [run for run in runs if run is not parent]
+    trials = {row["trial_id"] for row in rows}
+    assert {run.data.tags["shipyard.trial_id"] for run in children} == trials
+    assert all(run.data.tags["mlflow.parentRunId"] == parent.info.run_id for run in children)
+    assert {run.data.params["trial.train.lr"] for run in children} == {"0.003", "1e-05"}
+    assert parent.data.tags["shipyard.best_trial"] in trials
+    assert any(
+        run.data.tags["shipyard.started_from_trial"] != run.data.tags["shipyard.trial_id"]
+        for run in children
+    ), "the exploit is on the record"
+    for trial in trials:
+        events = EventAccumulator(str(folder / "tensorboard" / trial))
+        events.Reload()
+        assert events.Scalars("val_loss"), trial

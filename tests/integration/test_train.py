@@ -9,6 +9,7 @@ import pytest
 
 from shipyard.serve.deployment import prepare_service
 from shipyard.serve.export import export_checkpoint, load_exported_model
+from shipyard.spec.tracking import TrackingSpec
 from shipyard.storage import open_store
 from shipyard.train.checkpoint import latest_checkpoint, local_copy, saved_checkpoints
 from shipyard.train.trainer import run_training
@@ -121,7 +122,12 @@ def test_a_killed_tensor_parallel_rank_restarts_from_its_shards_on_s3(
     layout = {"zero_stage": 1, "tensor_parallel": 2, "micro_batch_size": 8}
     uninterrupted = model_runs("tiny-llama.yaml", "llama-tp2", pipeline_stages=1, **layout)
     job = shipped_job("tiny-llama.yaml", "llama-tp2-faulty", f"{s3}/runs", **layout)
-    job = job.model_copy(update={"failure": job.failure.model_copy(update={"max_failures": 1})})
+    job = job.model_copy(
+        update={
+            "failure": job.failure.model_copy(update={"max_failures": 1}),
+            "tracking": TrackingSpec(),  # the default stores, kept on S3 beside the checkpoints
+        }
+    )
     marker = runs_dir / "tp2-fault-happened"
 
     result = run_training(job, fault=Fault(rank=1, step=14, marker=str(marker)))
@@ -131,6 +137,7 @@ def test_a_killed_tensor_parallel_rank_restarts_from_its_shards_on_s3(
     restarted = [row for row in result.history if row.get("resumed_from_step") == 12]
     assert restarted, "the worker group restarted from the step-12 checkpoint on S3"
     assert losses(result) == pytest.approx(losses(uninterrupted), rel=1e-5)
+    assert_tracked_once(f"{s3}/runs/{job.name}", result, tmp_path / "tracking")
     saved = local_copy(latest_checkpoint(job.storage, job.name), tmp_path / "download")
     model = load_exported_model(export_checkpoint(saved))
     assert validation_loss(model, job) == pytest.approx(result.final["val_loss"], rel=1e-5)
@@ -167,3 +174,27 @@ def test_every_ray_process_queries_its_own_cluster(ray_session):
     assert address == ray_session.get_runtime_context().gcs_address
     assert state == "ALIVE"
     ray_session.kill(probe)
+
+
+def assert_tracked_once(location: str, result, folder) -> None:
+    """The run's MLflow store and TensorBoard files, fetched from S3 into `folder`: one run,
+    and each step once, with the loss the run first reported for it (a restarted worker
+    group trains some steps again; the trackers keep the first)."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    store = open_store(location)
+    for key in [*store.keys("tensorboard"), "mlflow.db"]:
+        (folder / key).parent.mkdir(parents=True, exist_ok=True)
+        store.download(key, folder / key)
+    first = {}
+    for row in result.history:
+        first.setdefault(row["step"], row["loss"])
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == sorted(first.items())
+    assert run.info.status == "FINISHED"
+    events = EventAccumulator(str(folder / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("loss")] == sorted(first)

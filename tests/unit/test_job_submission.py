@@ -63,7 +63,10 @@ def test_s3_settings_but_no_credentials_are_forwarded(job, tmp_path, monkeypatch
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
     submission = prepare(job, make_plan(job), "train", tmp_path / "staging")
-    assert submission.runtime_env["env_vars"] == {"AWS_ENDPOINT_URL": "http://minio:9000"}
+    assert submission.runtime_env["env_vars"] == {
+        "AWS_ENDPOINT_URL": "http://minio:9000",
+        "SHIPYARD_SUBMISSION_ID": submission.id,
+    }
 
 
 def test_the_jobs_api_address_comes_from_the_flag_the_environment_or_the_cluster(monkeypatch):

@@ -10,9 +10,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from rich.console import Console
-
 from shipyard.cli import artifacts, clusters, planning, run
+from shipyard.console import output_console
 from shipyard.errors import ShipyardError
 
 SPEC_ERROR_EXIT = 2
@@ -21,14 +20,14 @@ SPEC_ERROR_EXIT = 2
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; errors Shipyard understands are printed without a traceback."""
     args = _parser().parse_args(argv)
-    console = Console(soft_wrap=True)  # whole lines in logs, whatever the terminal width
+    console = output_console()  # whole lines in logs, whatever the terminal width
     try:
         return args.command(args, console)
     except ShipyardError as error:
-        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        output_console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False)
         return SPEC_ERROR_EXIT
     except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted; Ray was shut down. Re-run to resume.")
+        output_console(stderr=True).print("interrupted; Ray was shut down. Re-run to resume.")
         return 130
 
 

@@ -89,6 +89,8 @@ def _train(args: argparse.Namespace, console: Console) -> int:
             progress.update(
                 task, completed=row["step"], description="training", status=_status(row)
             )
+            if not console.is_terminal:  # a log gets one whole line per log step instead
+                console.print(f"step {row['step']}/{final_step}  {_status(row)}", highlight=False)
 
         def show_corpus(corpus) -> None:
             progress.update(
@@ -247,6 +249,7 @@ def _progress(console: Console) -> Progress:
         TimeElapsedColumn(),
         TextColumn("{task.fields[status]}"),
         console=console,
+        disable=not console.is_terminal,
     )
 
 
@@ -283,6 +286,8 @@ def _summary(console: Console, job, result, args: argparse.Namespace) -> None:
     elif final.get("resumed_from_step"):
         console.print(f"Resumed from the checkpoint at step {final['resumed_from_step']}.")
     console.print(f"Checkpoint: {result.checkpoint_path}", highlight=False)
+    for command in result.tracking.commands() if result.tracking else []:
+        console.print(f"Look: {command}", highlight=False)
     if final.get("step", 0) < job.train.max_steps:
         console.print(f"Next: shipyard train {args.job}   (continues from this checkpoint)")
         return

@@ -135,6 +135,14 @@ class ParallelPlan:
         """Plain data for JSON output and for shipping to workers."""
         return asdict(self)
 
+    def summary(self) -> dict:
+        """The plan's shape in a few plain values (for tracking): no per-rank detail."""
+        shape = {k: v for k, v in self.to_dict().items() if isinstance(v, int | float | str)}
+        shape["layers_per_stage"] = list(self.layers_per_stage)
+        shape["micro_batches"] = list(self.micro_batches)
+        shape["global_batch_size"] = self.global_batch_size
+        return shape
+
     @classmethod
     def from_dict(cls, data: dict) -> ParallelPlan:
         """The plan `to_dict` wrote (after a trip through JSON or Ray)."""

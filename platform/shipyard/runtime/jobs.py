@@ -76,7 +76,10 @@ def prepare(
     runtime_env = {
         "working_dir": str(staging),
         "py_modules": [str(Path(shipyard.__file__).parent)],
-        "env_vars": {k: os.environ[k] for k in FORWARDED_ENVIRONMENT if k in os.environ},
+        "env_vars": {
+            **{k: os.environ[k] for k in FORWARDED_ENVIRONMENT if k in os.environ},
+            "SHIPYARD_SUBMISSION_ID": submission_id,  # the run's tracking tags it
+        },
     }
     if install_deps:  # a virtualenv per cluster; slow to build beside a large torch install
         runtime_env["pip"] = pinned_requirements()

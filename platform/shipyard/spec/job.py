@@ -24,6 +24,7 @@ from shipyard.spec.model import (
     divisors,
     with_default_type,
 )
+from shipyard.spec.tracking import TrackingSpec
 
 __all__ = [
     "BYTE_VOCABULARY",
@@ -355,6 +356,7 @@ class JobSpec(Strict):
     failure: FailureSpec = FailureSpec()
     serve: ServeSpec = ServeSpec()
     sweep: SweepSpec | None = None
+    tracking: TrackingSpec = TrackingSpec()
 
     @field_validator("model", mode="before")
     @classmethod

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from shipyard.console import output_console
 from shipyard.errors import TrainingError
 from shipyard.spec.job import JobSpec
 from shipyard.storage import from_ray_storage, is_remote, local_mirror, open_store
@@ -132,7 +133,7 @@ class TrialTable(tune.Callback):
 
     def _get_console(self) -> Console:
         if self._console is None:
-            self._console = Console(soft_wrap=True)
+            self._console = output_console()
         return self._console
 
 

@@ -32,7 +32,14 @@ def corpus_key(job: JobSpec) -> str:
     return json.dumps([job.data.model_dump(mode="json"), tokenizer])
 
 
-def run_trial(config: dict[str, Any], *, base: dict, corpora: dict[str, Corpus], runs: str) -> None:
+def run_trial(
+    config: dict[str, Any],
+    *,
+    base: dict,
+    corpora: dict[str, Corpus],
+    runs: str,
+    tracking: dict[str, Any] | None = None,
+) -> None:
     """Tune function trainable: train one trial, reporting each metric row (and checkpoint).
 
     The trial's Train runs write their checkpoints under `runs` (a folder, or S3 when the
@@ -78,10 +85,42 @@ def run_trial(config: dict[str, Any], *, base: dict, corpora: dict[str, Corpus],
             corpus=corpora[corpus_key(job)],
             start_checkpoint=start,
             on_metrics=forward,
+            tracking_context=trial_context(tracking, trial_id, config, saved, origin),
         )
     finally:
         # Tune keeps its own copy of every reported checkpoint; the run's folder is scratch.
         remove_folder(f"{runs}/{run_name}")
+
+
+def trial_context(
+    tracking: dict[str, Any] | None,
+    trial_id: str,
+    values: dict[str, Any],
+    saved: SavedCheckpoint | None = None,
+    origin: str = "",
+):
+    """Where the trial records itself: a child of the sweep's MLflow run, its own TensorBoard
+    folder, its record under the sweep (its Train runs come and go; the trial stays). A trial
+    that restarts (ASHA's promotion, PBT's exploit) says from which step and whose checkpoint."""
+    from shipyard.tracking.record import RunContext
+
+    if not tracking:
+        return None
+    location = tracking["location"]
+    folder = tracking["tensorboard"]
+    return RunContext(
+        parent_run_id=tracking["parent_run_id"],
+        trial_id=trial_id,
+        trial_values=values,
+        record_location=f"{location}/tracking/{trial_id}",
+        tensorboard_folder=f"{folder}/{trial_id}" if folder else None,
+        mlflow_uri=tracking["mlflow_uri"],
+        experiment=tracking["experiment"],
+        tags={
+            "shipyard.resumed_from_step": str(saved.step if saved else 0),
+            "shipyard.started_from_trial": origin or trial_id,
+        },
+    )
 
 
 def _ray_checkpoint(uri: str, filesystem):

@@ -11,12 +11,16 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from shipyard.data.corpus import Corpus, prepare_corpus
 from shipyard.errors import ResourceError, SpecError
@@ -32,6 +36,7 @@ from shipyard.sweep.history import HISTORY_FILE, TrialHistory
 from shipyard.sweep.promotion import Gate, PromotingAsha, Rungs
 from shipyard.sweep.search_space import Dimension, apply_overrides, shapes_corpus
 from shipyard.sweep.trial import TRIAL_CPUS, corpus_key, run_trial
+from shipyard.tracking.record import read_record
 
 SWEEP_JOB_FILE = "sweep-job.json"  # the job the sweep started with; a resume must match it
 TRIAL_RUNS = "trial-runs"  # scratch folder of the trials' Train runs
@@ -73,12 +78,14 @@ def run_sweep(
     )
     if on_setup:
         on_setup(setup)
+    tracking, trial_tracking = track_sweep(job, location)
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
             base=job.model_dump(mode="json"),
             corpora=build_corpora(job, dimensions),
             runs=f"{location}/{TRIAL_RUNS}",
+            tracking=trial_tracking,
         ),
         {"CPU": TRIAL_CPUS},
     )
@@ -95,11 +102,76 @@ def run_sweep(
             )
             history = TrialHistory(location, [dimension.path for dimension in dimensions])
             tuner = build_tuner(job, dimensions, trainable, setup, storage, [*callbacks, history])
-        grid = tuner.fit()
+        grid = None
+        try:
+            with tune_loggers_without_tensorboardx():
+                grid = tuner.fit()
+        finally:
+            if tracking:
+                tracking.tag(best_trial_tags(grid, job))
+                tracking.close("FINISHED" if grid is not None else "KILLED")
     unfinished = unfinished_trials(storage)
     if not unfinished:  # trials stopped by a Ctrl-C left their scratch runs
         remove_folder(f"{location}/{TRIAL_RUNS}")
     return setup, grid, unfinished
+
+
+@contextmanager
+def tune_loggers_without_tensorboardx() -> Iterator[None]:
+    """Tune's CSV and JSON result files, but not its TensorBoardX files (or its hint to open
+    them in Ray's temporary folder, deleted when Ray stops): Shipyard writes TensorBoard
+    folders per trial that outlive Ray (tracking.tensorboard)."""
+    name = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
+    before = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+def track_sweep(job: JobSpec, location: str) -> tuple[Any, dict[str, Any]]:
+    """The sweep's parent MLflow run (continued on a resume), and what each trial needs to
+    record itself as its child: the parent's id, the MLflow URI, TensorBoard's folder."""
+    from shipyard.tracking.record import RunContext, flatten, job_params
+    from shipyard.tracking.setup import open_tracking
+
+    parent_job = job.model_copy(
+        update={"tracking": job.tracking.model_copy(update={"tensorboard": False})}
+    )
+    params = {**job_params(job, {}), **flatten(job.sweep.model_dump(mode="json"), "sweep.")}
+    tags = {"shipyard.job": job.name, "shipyard.kind": "sweep"}
+    context = RunContext(record_location=location)
+    tracking, places = open_tracking(parent_job, params, tags, context)
+    parent = None
+    if tracking:
+        tracking.wait()
+        parent = read_record(location).get("mlflow_run_id")
+    tensorboard = job.tracking.tensorboard
+    folder = tensorboard if isinstance(tensorboard, str) else f"{location}/tensorboard"
+    return tracking, {
+        "location": location,
+        "parent_run_id": parent,
+        "mlflow_uri": places.mlflow_uri,
+        "experiment": (job.tracking.mlflow.experiment if job.tracking.mlflow else None) or job.name,
+        "tensorboard": folder if tensorboard else None,
+    }
+
+
+def best_trial_tags(grid: tune.ResultGrid | None, job: JobSpec) -> dict[str, str]:
+    """The best trial so far, for the sweep's parent run."""
+    if grid is None:
+        return {}
+    try:
+        best = grid.get_best_result(metric=job.sweep.metric, mode=job.sweep.mode, scope="all")
+    except (RuntimeError, ValueError):
+        return {}
+    metric = best.metrics.get(job.sweep.metric) if best.metrics else None
+    trial = best.metrics.get("trial_id") if best.metrics else None
+    return {"shipyard.best_trial": str(trial), f"shipyard.best_{job.sweep.metric}": str(metric)}
 
 
 def check_resumable_sweep(job: JobSpec, must_resume: bool = False) -> bool:
@@ -155,7 +227,7 @@ def build_tuner(job, dimensions, trainable, setup: SweepSetup, storage, callback
             ),
             # A trial's Train run restarts failed workers itself (job.failure).
             failure_config=tune.FailureConfig(max_failures=0),
-            callbacks=callbacks,
+            callbacks=[*callbacks, CSVLoggerCallback(), JsonLoggerCallback()],
             verbose=0,
         ),
     )

@@ -29,6 +29,8 @@ from shipyard.plan.plan import ParallelPlan, make_plan
 from shipyard.spec.cluster import ClusterSpec
 from shipyard.spec.job import JobSpec
 from shipyard.storage import from_ray_storage, mirrored_file, ray_storage
+from shipyard.tracking.record import RunContext, RunTracking, job_params
+from shipyard.tracking.setup import TrackingPlaces, open_tracking, submission_tags
 from shipyard.train.checkpoint import latest_checkpoint, state_changes
 from shipyard.train.worker import Fault, train_loop
 
@@ -43,10 +45,12 @@ POLL_INTERVAL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 @dataclass
 class TrainResult:
-    """What a training run produced: every reported metric row, the last one, the checkpoint."""
+    """What a training run produced: every reported metric row, the last one, the checkpoint,
+    and where it was tracked."""
 
     history: list[Metrics] = field(default_factory=list)
     checkpoint_path: str | None = None
+    tracking: TrackingPlaces | None = None
 
     @property
     def final(self) -> Metrics:
@@ -64,6 +68,7 @@ def run_training(
     fault: Fault | None = None,
     corpus: Corpus | None = None,
     start_checkpoint: ray.train.Checkpoint | None = None,
+    tracking_context: RunContext | None = None,
 ) -> TrainResult:
     """Train `job` on the Ray cluster this process is connected to; resumes if it can.
 
@@ -72,6 +77,7 @@ def run_training(
     `stop_at_step` ends this invocation early (with a checkpoint) so a later run can continue.
     `corpus` reuses a corpus already built for the job's data; `start_checkpoint` starts a new
     run from a checkpoint of the same model layout (a sweep trial continuing another trial's).
+    `tracking_context` places the run in a sweep's tracking (its parent run and folders).
     """
     plan = plan or make_plan(job)
     check_resources(plan, ray.cluster_resources())
@@ -83,15 +89,25 @@ def run_training(
         on_corpus(corpus)
     metrics_queue = Queue(actor_options={"num_cpus": 0})
     trainer = build_trainer(job, plan, corpus, metrics_queue, stop_at_step, fault, start_checkpoint)
-    result = TrainResult()
+    tags = {"shipyard.job": job.name, **submission_tags()}
+    tracking, places = open_tracking(job, job_params(job, plan.summary()), tags, tracking_context)
+    result = TrainResult(tracking=places)
+    status = "FAILED"
     try:
         with metrics_log(job) as log, frequent_polls():
-            record = metrics_recorder(log, on_metrics)
+            record = metrics_recorder(log, on_metrics, tracking)
             outcome = _fit_forwarding_metrics(trainer, metrics_queue, result.history, record)
+        finished = result.final.get("step", 0) >= job.train.max_steps
+        status = "FINISHED" if finished else "KILLED"
     except ray.train.TrainingFailedError as error:
         raise TrainingError(f"training job {job.name!r} failed: {_worker_message(error)}") from None
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         ray.kill(metrics_queue.actor)
+        if tracking:
+            tracking.close(status)
     if outcome.checkpoint:
         checkpoint = outcome.checkpoint
         result.checkpoint_path = from_ray_storage(checkpoint.path, checkpoint.filesystem)
@@ -128,13 +144,18 @@ def metrics_log(job: JobSpec):
     return mirrored_file(job.storage, f"{job.name}/{METRICS_FILE}")
 
 
-def metrics_recorder(path: Path, on_metrics) -> Callable[[Metrics], None]:
-    """Appends each metrics row to the log at `path`, then calls `on_metrics`."""
+def metrics_recorder(
+    path: Path, on_metrics, tracking: RunTracking | None = None
+) -> Callable[[Metrics], None]:
+    """Appends each metrics row to the log at `path`, hands it to the trackers, then calls
+    `on_metrics`."""
 
     def record(row: Metrics) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as file:
             file.write(json.dumps(row) + "\n")
+        if tracking:
+            tracking.record(row)
         if on_metrics:
             on_metrics(row)
 
