@@ -66,7 +66,16 @@ def push(job: JobSpec, store: Store) -> Manifest:
             "weights_sha256": export.sha256,
             "shipyard_version": __version__,
         }
-        return publish(store, job.name, staging, facts)
+        published = publish(store, job.name, staging, facts)
+    tag_run(job, {"shipyard.artifact": f"{store.uri}/{job.name}/{published.version}"})
+    return published
+
+
+def tag_run(job: JobSpec, tags: dict[str, str]) -> None:
+    """Tag the job's MLflow run, when it has one (publishing must not fail on tracking)."""
+    from shipyard.tracking.setup import tag_recorded_run
+
+    tag_recorded_run(job, tags)
 
 
 def export_to(job: JobSpec, target: Path, checkpoint: str | None = None) -> Path:

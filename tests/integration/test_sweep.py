@@ -250,6 +250,7 @@ def assert_tracked_as_parent_and_children(job: JobSpec, rows: list[dict]) -> Non
     assert parent.data.tags["shipyard.best_trial"] in trials
     assert any(
         run.data.tags["shipyard.started_from_trial"] != run.data.tags["shipyard.trial_id"]
+        and any("(PBT exploit)" in v for k, v in run.data.tags.items() if "restart_at" in k)
         for run in children
     ), "the exploit is on the record"
     for trial in trials:

@@ -19,9 +19,11 @@ import requests
 from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from shipyard.artifacts import push
 from shipyard.runtime.local import free_port
 from shipyard.spec.job import JobSpec
 from shipyard.spec.load import validate
+from shipyard.storage import open_store
 from shipyard.tracking.record import read_record
 from shipyard.train.trainer import run_training
 from tests.integration.conftest import TINY_JOB, wait_for
@@ -85,6 +87,11 @@ def test_a_stopped_and_resumed_run_is_one_mlflow_run_and_one_tensorboard_curve(
         [r["loss"] for _, r in sorted(rows.items())]
     )
     assert any("mlflow ui --backend-store-uri sqlite:///" in c for c in second.tracking.commands())
+
+    store = open_store(tmp_path / "models")
+    published = push(job, store)
+    tags = client.get_run(run.info.run_id).data.tags
+    assert tags["shipyard.artifact"] == f"{store.uri}/tracked/{published.version}"
 
 
 @pytest.fixture

@@ -119,8 +119,23 @@ def trial_context(
         tags={
             "shipyard.resumed_from_step": str(saved.step if saved else 0),
             "shipyard.started_from_trial": origin or trial_id,
+            **restart_event(saved, origin, trial_id),
         },
     )
+
+
+def restart_event(saved: SavedCheckpoint | None, origin: str, trial_id: str) -> dict[str, str]:
+    """A tag per restart, named by its step, so the child run keeps every one: a paused trial
+    that ASHA promotes (or a resumed sweep) continues its own checkpoint; a PBT exploit
+    continues another trial's."""
+    if saved is None:
+        return {}
+    how = (
+        "continued its own checkpoint (ASHA promotion, or a resumed sweep)"
+        if origin in ("", trial_id)
+        else f"took trial {origin}'s checkpoint (PBT exploit)"
+    )
+    return {f"shipyard.restart_at_step_{saved.step}": how}
 
 
 def _ray_checkpoint(uri: str, filesystem):

@@ -123,3 +123,24 @@ def submission_tags() -> dict[str, Any]:
     """The Ray Jobs submission this run belongs to, when `shipyard submit` started it."""
     submission = os.environ.get("SHIPYARD_SUBMISSION_ID")
     return {"shipyard.submission_id": submission} if submission else {}
+
+
+def tag_recorded_run(job: JobSpec, tags: dict[str, str]) -> None:
+    """Tags on the job's MLflow run after it ended (the published artifact, say); a warning,
+    not an error, if the run or its store cannot be reached."""
+    run_id = read_record(run_location(job)).get("mlflow_run_id")
+    if job.tracking.mlflow is None or not run_id:
+        return
+    from mlflow.tracking import MlflowClient
+
+    uri, mirror = _mlflow_place(job, RunContext(), run_location(job))
+    try:
+        if mirror:
+            mirror.pull("mlflow.db")
+        client = MlflowClient(tracking_uri=uri)
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+        if mirror:
+            mirror.push()
+    except Exception as error:  # the store is down or gone: the artifact is published anyway
+        _warn(f"MLflow: could not tag run {run_id} ({type(error).__name__}: {error})")
