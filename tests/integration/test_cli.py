@@ -116,7 +116,7 @@ def test_ctrl_c_shuts_ray_down_and_a_rerun_resumes(cli_run):
     assert second.returncode == 0, second.stdout + second.stderr
     assert "step 40 of 40" in second.stdout
     # Not a terminal: a whole line per log step, never a bar cut at 80 columns.
-    assert "step 40/40  loss " in second.stdout and "━" not in second.stdout
+    assert "step 40/40  loss " in second.stdout and "training ━" not in second.stdout
     assert f"Resumed from the checkpoint at step {cli_run.interrupted_at}" in second.stdout
     final = saved_checkpoints(str(cli_run.storage), "cli-run")[-1]
     assert final.step == 40
