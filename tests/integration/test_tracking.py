@@ -157,8 +157,9 @@ def test_a_tracking_server_that_dies_mid_run_costs_a_warning_not_the_run(
     client = MlflowClient(mlflow_server.store)  # what the server wrote before it died
     (run,) = client.search_runs([client.get_experiment_by_name("shipyard-tests").experiment_id])
     assert run.data.params["name"] == "server-tracked"
+    # Whatever reached it before step 8 (the tracking thread may not have sent any yet).
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
-    assert steps and set(steps) <= {4, 8}, steps
+    assert set(steps) <= {4, 8}, steps
     events = EventAccumulator(result.tracking.tensorboard)
     events.Reload()
     assert [event.step for event in events.Scalars("loss")] == sorted(rows), "TensorBoard went on"

@@ -211,6 +211,7 @@ class ModelServer:
             "replica": self.replica,
             "running": self.batcher.running,
             "waiting": self.batcher.waiting,
+            "idle": self.batcher.idle,
             "decoded_tokens": stats.decoded_tokens,
             "abandoned": stats.abandoned,
         }

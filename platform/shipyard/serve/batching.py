@@ -102,6 +102,11 @@ class ContinuousBatcher:
         """Sequences in the batch (not counting those leaving at the next step)."""
         return sum(not running.stream.cancelled for running in self._running)
 
+    @property
+    def idle(self) -> bool:
+        """No decode loop is running (the next request starts one, after `wait_s`)."""
+        return self._loop_task is None or self._loop_task.done()
+
     def submit(self, request: GenerationRequest) -> TokenStream:
         """Queue a request; its stream gives its tokens step by step."""
         stream = TokenStream(request)
