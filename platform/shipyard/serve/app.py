@@ -328,9 +328,7 @@ class ModelServer:
     # --- answering ----------------------------------------------------------------------
 
     async def _answer(self, body: Any, answer: Answer, prompts: list[tuple[int, ...]]) -> Any:
-        limit_field = "max_tokens" if isinstance(body, CompletionBody) else "max_completion_tokens"
-        asked = body.max_tokens if isinstance(body, CompletionBody) else body.token_limit
-        budgets = [self._token_budget(asked, prompt, limit_field) for prompt in prompts]
+        budgets = [self._token_budget(body.token_limit, p, body.limit_field) for p in prompts]
         count = len(prompts) * body.n
         room = (
             self.spec.max_batch_size
@@ -353,7 +351,7 @@ class ModelServer:
             )
             stream = self.batcher.submit(request)
             choices.append(Choice(index, stream, TextAssembler(self.tokenizer, body.stop_strings)))
-        prompt_tokens = sum(len(prompts[c.index // body.n]) for c in choices)
+        prompt_tokens = body.n * sum(len(prompt) for prompt in prompts)
         if body.stream:
             events = self._events(answer, choices, prompt_tokens, body.include_usage)
             return StreamingResponse(events, media_type="text/event-stream")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
@@ -125,6 +125,12 @@ class CompletionBody(_Sampling):
     suffix: StrictStr | None = None
     best_of: StrictInt | None = None
 
+    limit_field: ClassVar[str] = "max_tokens"  # the field a too-large limit is blamed on
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
     def prompts(self) -> list[str | list[int]]:
         """Each prompt: a text, or token ids."""
         prompt = self.prompt
@@ -180,6 +186,8 @@ class ChatBody(_Sampling):
     functions: list[Any] | None = None
     function_call: Any = None
     parallel_tool_calls: StrictBool | None = None
+
+    limit_field: ClassVar[str] = "max_completion_tokens"
 
     @property
     def token_limit(self) -> int | None:
