@@ -50,6 +50,22 @@ class Manifest:
     metadata: dict[str, Any]
 
 
+def safe_relative(path: str, where: str) -> str:
+    """`path` if it names a file strictly inside a folder, else a StorageError naming `where`.
+
+    Manifests and S3 keys come from whoever can write the store: an absolute path, a `..`, an
+    empty segment (`a//b`, which would make the rest absolute once joined) or a backslash must
+    never decide where a file lands on this machine.
+    """
+    parts = path.split("/")
+    if not path or "\\" in path or "\0" in path or any(p in ("", ".", "..") for p in parts):
+        raise StorageError(
+            f"{where}: {path!r} is not a relative path inside the folder; nothing was written. "
+            "Only plain '/'-separated names are accepted (no leading '/', '..', '.' or '//')."
+        )
+    return path
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as file:
@@ -153,20 +169,41 @@ class S3Store:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def upload(self, local: Path, key: str) -> None:
-        self.client.upload_file(str(local), self.bucket, self._key(key), Config=self.transfer)
+        with self._answering(key):
+            self.client.upload_file(str(local), self.bucket, self._key(key), Config=self.transfer)
 
     def download(self, key: str, local: Path) -> None:
-        self.client.download_file(self.bucket, self._key(key), str(local), Config=self.transfer)
+        with self._answering(key):
+            self.client.download_file(self.bucket, self._key(key), str(local), Config=self.transfer)
 
     def put_text(self, key: str, text: str) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=text.encode())
+        with self._answering(key):
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=text.encode())
 
     def get_text(self, key: str) -> str | None:
+        with self._answering(key):
+            try:
+                answer = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            except self.client.exceptions.NoSuchKey:
+                return None
+            return answer["Body"].read().decode()
+
+    @contextmanager
+    def _answering(self, key: str) -> Iterator[None]:
+        """S3's refusals for one object as StorageErrors that name it (boto3 has retried)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        where = f"{self.uri}/{key}"
         try:
-            answer = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-        except self.client.exceptions.NoSuchKey:
-            return None
-        return answer["Body"].read().decode()
+            yield
+        except ClientError as error:
+            code = error.response.get("Error", {}).get("Code", "")
+            raise StorageError(_object_error_message(where, code)) from None
+        except BotoCoreError as error:  # endpoint unreachable after retries, bad URL
+            raise StorageError(
+                f"{where}: cannot reach S3 ({error}). To fix: check the endpoint "
+                "(AWS_ENDPOINT_URL for MinIO, Ceph or LocalStack) and the network."
+            ) from None
 
     def keys(self, prefix: str) -> list[str]:
         return sorted(self.listing(prefix))
@@ -237,6 +274,26 @@ def _client_error_message(uri: str, bucket: str, code: str) -> str:
             "To fix: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the profile's rights."
         )
     return f"storage: {uri}: S3 answered {code} for bucket {bucket!r}."
+
+
+def _object_error_message(where: str, code: str) -> str:
+    if code in ("404", "NoSuchKey"):
+        return f"{where}: no such object on S3."
+    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"):
+        return (
+            f"{where}: the credentials were refused ({code}). To fix: check "
+            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the profile."
+        )
+    if code in ("403", "AccessDenied"):
+        # S3 answers 403, not 404, for a missing key when the caller may not list the bucket.
+        return (
+            f"{where}: S3 refused access (403). Either the object does not exist and these "
+            "credentials may not list the bucket (s3:ListBucket), or they may not read it "
+            "(s3:GetObject). To fix: check the location and the credentials' rights."
+        )
+    if code == "NoSuchBucket":
+        return f"{where}: the bucket does not exist. To fix: create it first."
+    return f"{where}: S3 answered {code or 'an error'}."
 
 
 def open_store(uri: str | Path, endpoint_url: str | None = None) -> Store:
@@ -333,7 +390,8 @@ def download_folder(store: Store, prefix: str, target: Path) -> Path:
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         for key in store.keys(f"{prefix}/"):
-            local = staging / key.removeprefix(f"{prefix}/")
+            relative = safe_relative(key.removeprefix(f"{prefix}/"), f"{store.uri}/{key}")
+            local = staging / relative
             local.parent.mkdir(parents=True, exist_ok=True)
             store.download(key, local)
         staging.rename(target)
@@ -364,17 +422,18 @@ def versions(store: Store, name: str) -> list[Manifest]:
     manifests = []
     for key in store.keys(f"{name}/"):
         if key.count("/") == 2 and key.endswith(f"/{MANIFEST}"):
-            manifests.append(_manifest(store.get_text(key)))
+            manifests.append(_manifest(store, key))
     return sorted(manifests, key=lambda manifest: manifest.version)
 
 
 def latest(store: Store, name: str) -> Manifest | None:
     """The version `latest` points at, or None if nothing was published yet."""
-    pointer = store.get_text(f"{name}/{LATEST}")
+    key = f"{name}/{LATEST}"
+    pointer = store.get_text(key)
     if pointer is None:
         return None
-    version = json.loads(pointer)["version"]
-    return _manifest(store.get_text(f"{name}/{version}/{MANIFEST}"))
+    version = _json_field(store, key, pointer, "version", str)
+    return _manifest(store, f"{name}/{_one_name(store, key, version)}/{MANIFEST}")
 
 
 def pull(store: Store, manifest: Manifest, destination: Path) -> Path:
@@ -387,7 +446,7 @@ def pull(store: Store, manifest: Manifest, destination: Path) -> Path:
     staging = Path(tempfile.mkdtemp(dir=destination, prefix=f".{manifest.version}."))
     try:
         for relative, expected in manifest.files.items():
-            local = staging / relative
+            local = staging / safe_relative(relative, f"{store.uri}/{manifest.name}")
             local.parent.mkdir(parents=True, exist_ok=True)
             store.download(f"{manifest.name}/{manifest.version}/{relative}", local)
             if sha256_of(local) != expected["sha256"]:
@@ -401,7 +460,39 @@ def pull(store: Store, manifest: Manifest, destination: Path) -> Path:
     return target
 
 
-def _manifest(text: str | None) -> Manifest:
+def _manifest(store: Store, key: str) -> Manifest:
+    """The manifest at `key`, checked: it decides which files a pull writes where."""
+    text = store.get_text(key)
     if text is None:
-        raise StorageError("a version's manifest is missing: the store was changed by hand")
-    return Manifest(**json.loads(text))
+        raise StorageError(f"{store.uri}/{key}: the manifest is missing (changed by hand?).")
+    name = _json_field(store, key, text, "name", str)
+    version = _json_field(store, key, text, "version", str)
+    files = _json_field(store, key, text, "files", dict)
+    for relative, facts in files.items():
+        safe_relative(relative, f"{store.uri}/{key}: files")
+        if not isinstance(facts, dict) or not isinstance(facts.get("sha256"), str):
+            raise StorageError(f"{store.uri}/{key}: files: {relative!r} has no sha256.")
+    return Manifest(
+        name=_one_name(store, key, name),
+        version=_one_name(store, key, version),
+        files=files,
+        metadata=_json_field(store, key, text, "metadata", dict),
+    )
+
+
+def _json_field(store: Store, key: str, text: str, field: str, kind: type) -> Any:
+    """`field` of the JSON object in `text`, of type `kind`, or a StorageError naming both."""
+    try:
+        value = json.loads(text).get(field)
+    except (json.JSONDecodeError, AttributeError):
+        raise StorageError(f"{store.uri}/{key}: not a JSON object (corrupt?).") from None
+    if not isinstance(value, kind):
+        raise StorageError(f"{store.uri}/{key}: {field}: expected a {kind.__name__}.")
+    return value
+
+
+def _one_name(store: Store, key: str, name: str) -> str:
+    """A name that must be one path segment (a job, a version)."""
+    if "/" in name:
+        raise StorageError(f"{store.uri}/{key}: {name!r} is not a single name.")
+    return safe_relative(name, f"{store.uri}/{key}")

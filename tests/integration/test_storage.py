@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,8 +15,10 @@ import pytest
 
 from shipyard.runtime.local import free_port
 from shipyard.storage import (
+    MANIFEST,
     ChecksumError,
     StorageError,
+    download_folder,
     from_ray_storage,
     latest,
     mirrored_file,
@@ -65,6 +68,51 @@ def test_a_corrupted_object_is_caught_and_nothing_is_left_behind(s3, tmp_path):
     with pytest.raises(ChecksumError, match=r"model\.json: its SHA-256 differs"):
         pull(store, manifest, tmp_path / "pulled")
     assert list((tmp_path / "pulled").iterdir()) == [], "no half-checked folder is handed over"
+
+
+HOSTILE_PATHS = ["../escaped.txt", "/tmp/shipyard-escaped.txt", "a//escaped.txt", "./x", "a\\b"]
+
+
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_a_hostile_manifest_writes_nothing_outside_the_target(where, request, tmp_path):
+    """Whoever can write the store decides the manifest: its paths and version must never
+    place a file outside the folder pulled into, and corrupt JSON is a clear error."""
+    uri = request.getfixturevalue("s3") if where == "s3" else tmp_path / "store"
+    store = open_store(uri)
+    good = publish(store, "tiny", artifact(tmp_path / "one", "first"))
+    manifest_key = f"tiny/{good.version}/{MANIFEST}"
+    pulled = tmp_path / "inside" / "pulled"
+    for hostile in HOSTILE_PATHS:
+        files = {hostile: {"bytes": 6, "sha256": "0" * 64}}
+        store.put_text(manifest_key, json.dumps({**good.__dict__, "files": files}))
+        with pytest.raises(StorageError, match="not a relative path inside the folder"):
+            pull(store, latest(store, "tiny"), pulled)
+    for version in ["../x", "a/b", ".."]:
+        store.put_text("tiny/latest", json.dumps({"version": version}))
+        with pytest.raises(StorageError, match="tiny/latest"):
+            latest(store, "tiny")
+    store.put_text(manifest_key, '{"name": "tiny", "version": ')
+    with pytest.raises(StorageError, match=rf"{MANIFEST}: not a JSON object"):
+        versions(store, "tiny")
+    store.put_text("tiny/latest", "[]")
+    with pytest.raises(StorageError, match="tiny/latest: not a JSON object"):
+        latest(store, "tiny")
+    assert not (tmp_path / "inside" / "escaped.txt").exists()
+    assert not Path("/tmp/shipyard-escaped.txt").exists()
+    assert not pulled.exists() or list(pulled.iterdir()) == []
+
+
+def test_an_s3_key_with_an_empty_segment_is_not_downloaded_outside(s3, tmp_path):
+    """`prefix//etc/x` minus `prefix/` is `/etc/x`: joined onto a folder it is absolute."""
+    bucket = s3.removeprefix("s3://")
+    client = boto3.client("s3")
+    client.put_object(Bucket=bucket, Key="ckpt/ok.txt", Body=b"fine")
+    client.put_object(Bucket=bucket, Key="ckpt//tmp/shipyard-escaped-key.txt", Body=b"x")
+    with pytest.raises(StorageError, match="not a relative path inside the folder"):
+        download_folder(open_store(s3), "ckpt", tmp_path / "target")
+    assert not Path("/tmp/shipyard-escaped-key.txt").exists()
+    assert not (tmp_path / "target").exists()
+    assert [p.name for p in tmp_path.iterdir()] == [], "the staging folder is gone too"
 
 
 UPLOAD = """
@@ -117,15 +165,28 @@ def test_unusable_storage_is_a_clear_error_before_anything_is_written(s3, tmp_pa
 
 
 def test_refused_credentials_are_a_clear_error(tmp_path, monkeypatch):
-    # A server that checks signatures against its own IAM users (none with these keys).
-    server, url = start_moto_server(tmp_path / "moto.log", INITIAL_NO_AUTH_ACTION_COUNT="0")
+    # A server that checks signatures and policies against its own IAM users; its first three
+    # calls go unchecked, to make a bucket and a user that no policy allows anything.
+    server, url = start_moto_server(tmp_path / "moto.log", INITIAL_NO_AUTH_ACTION_COUNT="3")
     try:
         monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        admin = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+        boto3.client("s3", **admin).create_bucket(Bucket="a-bucket")
+        boto3.client("iam", **admin).create_user(UserName="reader")
+        key = boto3.client("iam", **admin).create_access_key(UserName="reader")["AccessKey"]
+
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
-        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
         with pytest.raises(StorageError, match="credentials were refused"):
-            open_store("s3://any-bucket").check()
+            open_store("s3://a-bucket").check()
+        with pytest.raises(StorageError, match=r"a-bucket/x.json: .*credentials were refused"):
+            open_store("s3://a-bucket").get_text("x.json")
+        # S3 answers 403, not 404, for a missing key that the caller may not list or read.
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        with pytest.raises(StorageError, match=r"s3://a-bucket/gone.json: S3 refused access"):
+            open_store("s3://a-bucket").get_text("gone.json")
     finally:
         server.kill()
         server.wait()

@@ -10,6 +10,9 @@ from contextlib import contextmanager
 
 from shipyard.errors import ResourceError
 
+# Ray's switch between a loopback-only node (its macOS/Windows default) and a cluster node.
+LOOPBACK_FLAG = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
 
 @contextmanager
 def ray_runtime(address: str | None = None, *, verbose: bool = False) -> Iterator[None]:
@@ -40,7 +43,14 @@ def ray_runtime(address: str | None = None, *, verbose: bool = False) -> Iterato
 
 
 def start_local_ray(**init_options) -> None:
-    """Start a new embedded Ray on this machine (dashboard on, listening on 127.0.0.1 only).
+    """Start a new embedded Ray on this machine: every process of it listens on 127.0.0.1 only.
+
+    On Linux Ray takes the machine's outbound address as the node's and its gRPC servers
+    listen on every interface; on macOS and Windows it uses the loopback address, and Ray
+    makes that choice from one flag (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0). It is read once,
+    when `ray` is imported, so it is set for the processes Ray starts and, for this one,
+    on Ray's constant while the node starts. A node on loopback cannot take other nodes:
+    clusters are `shipyard cluster up`'s business, not this function's.
 
     address="local" always starts a new one: a bare `ray.init()` would join whatever cluster
     `ray start` last recorded in /tmp/ray, even one that has since died. Ray's state API, which
@@ -54,20 +64,22 @@ def start_local_ray(**init_options) -> None:
     """
     import ray
 
-    address = f"{ray.util.get_node_ip_address()}:{free_port(host='')}"
+    address = f"127.0.0.1:{free_port()}"
     python_path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
     pinned = {
         "RAY_GCS_SERVER_PORT": address.rsplit(":", 1)[1],
         "RAY_ADDRESS": address,
         "PYTHONPATH": python_path,
         "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false"),
+        LOOPBACK_FLAG: "0",
     }
     saved = {name: os.environ.get(name) for name in pinned}
     os.environ.update(pinned)
     try:
-        ray.init(
-            address="local", include_dashboard=True, dashboard_host="127.0.0.1", **init_options
-        )
+        with _node_on_loopback():
+            ray.init(
+                address="local", include_dashboard=True, dashboard_host="127.0.0.1", **init_options
+            )
     finally:
         for name, value in saved.items():
             if value is None:
@@ -76,10 +88,23 @@ def start_local_ray(**init_options) -> None:
                 os.environ[name] = value
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on `host` ("" for every interface) that nothing listens on right now."""
+@contextmanager
+def _node_on_loopback() -> Iterator[None]:
+    """Ray's flag for a loopback-only node, set in this (already importing) process."""
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as probe:
-        probe.bind((host, 0))
+        probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 

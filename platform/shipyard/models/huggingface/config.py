@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from shipyard.spec.model import HuggingFaceModelSpec
-from shipyard.storage import cache_root, is_remote, open_store
+from shipyard.storage import cache_root, is_remote, open_store, safe_relative
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -207,9 +207,7 @@ def _download(store, keys: list[str], target: Path) -> None:
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         for key in keys:
-            local = (staging / key).resolve()
-            if not local.is_relative_to(staging.resolve()):
-                raise ValueError(f"{key!r} would land outside its folder; it is not copied.")
+            local = staging / safe_relative(key, f"{store.uri}/{key}")
             local.parent.mkdir(parents=True, exist_ok=True)
             store.download(key, local)
         try:
