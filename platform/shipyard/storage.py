@@ -296,6 +296,11 @@ def _object_error_message(where: str, code: str) -> str:
     return f"{where}: S3 answered {code or 'an error'}."
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """`text` into `path` through a file beside it and a rename: old or new, never half."""
+    LocalStore(path.parent).put_text(path.name, text)
+
+
 def open_store(uri: str | Path, endpoint_url: str | None = None) -> Store:
     """The store for a local path or an `s3://bucket/prefix` URI."""
     text = str(uri)

@@ -19,6 +19,7 @@ import pytest
 import requests
 import yaml
 
+from shipyard.lock import LOCKS_FOLDER
 from shipyard.models.gpt.generation import GenerationRequest, TextGenerator
 from shipyard.runtime.local import free_port
 from shipyard.serve.export import load_exported_model, read_export
@@ -125,12 +126,24 @@ def test_ctrl_c_shuts_ray_down_and_a_rerun_resumes(cli_run):
     assert not cli_run.daemons_left_after_rerun
 
 
-def test_changed_model_is_refused_and_the_checkpoint_kept(cli_run, tmp_path):
+def saved_files(storage: Path) -> dict[Path, float]:
+    """The run's files and their times (not the lock a run holds while it runs)."""
+    return {
+        p: p.stat().st_mtime
+        for p in storage.rglob("*")
+        if p.is_file() and LOCKS_FOLDER not in p.parts
+    }
+
+
+def test_a_changed_job_is_refused_and_the_checkpoint_kept(cli_run, tmp_path):
+    """Resume is exact or refused: a changed model would corrupt the checkpoint, a changed
+    seed or batch would silently train another run than the one that stopped."""
     job_path, storage = cli_run.job_path, cli_run.storage
     spec = yaml.safe_load(job_path.read_text())
-    before = {p: p.stat().st_mtime for p in storage.rglob("*") if p.is_file()}
+    before = saved_files(storage)
 
     spec["model"]["width"] = 64
+    spec["train"] |= {"seed": 12, "micro_batch_size": 2, "log_every": 2}  # log_every is free
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(spec))
     daemons_before = ray_daemons()
@@ -138,9 +151,15 @@ def test_changed_model_is_refused_and_the_checkpoint_kept(cli_run, tmp_path):
         [*SHIPYARD, "train", str(changed)], capture_output=True, text=True, timeout=400
     )
     assert refused.returncode == 2
-    assert "model.width: 64 differs from 32 in the checkpoint" in refused.stderr
+    changes = [line.strip() for line in refused.stderr.splitlines() if "differs" in line]
+    assert changes == [
+        "model.width: 64 differs from 32",
+        "train.micro_batch_size: 2 differs from 4",
+        "train.seed: 12 differs from 11",
+        "plan.micro_batch_size: 2 differs from 4",
+    ], refused.stderr
     assert "Traceback" not in refused.stderr
-    assert {p: p.stat().st_mtime for p in storage.rglob("*") if p.is_file()} == before
+    assert saved_files(storage) == before
     assert ray_daemons() <= daemons_before, "refused before any Ray started"
 
 

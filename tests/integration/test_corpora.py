@@ -117,6 +117,8 @@ def test_jsonl_with_a_trained_bpe_trains_and_is_tokenized_once(jsonl_run):
     assert losses(result)[-1] < losses(result)[0] - 0.5, losses(result)
     again = prepare_corpus(job)
     assert again.reused, "a second run reads the cached tokens; nothing is tokenized again"
+    # The checkpoint names the tokens it trained on, for a resume to check (check_resumable).
+    assert latest_checkpoint(str(job.storage), job.name).corpus == again.key
 
 
 @pytest.mark.parametrize(("kind", "data"), [("parquet", {"text_column": "body"}), ("text", {})])

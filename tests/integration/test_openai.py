@@ -252,6 +252,13 @@ def test_errors_come_in_openai_shape(client, deploy):
         client.chat.completions.create(
             model=NAME, messages=[{"role": "user", "content": "x"}], presence_penalty=0.5
         )
+    # The OpenAPI document describes these bodies as the server validates them.
+    document = requests.get(f"{url}/openapi.json").json()
+    body = document["paths"]["/v1/completions"]["post"]["requestBody"]
+    assert body["content"]["application/json"]["schema"]["$ref"].endswith("/CompletionBody")
+    schema = document["components"]["schemas"]["CompletionBody"]
+    assert schema["additionalProperties"] is False and "prompt" in schema["required"]
+    assert schema["properties"]["temperature"]["maximum"] == 2
 
 
 def test_keys_limits_queue_and_timeouts_of_a_strict_deployment(deploy, monkeypatch):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import re
+import shlex
+import tomllib
 
 import pytest
 import yaml
@@ -149,3 +152,78 @@ def test_min_workers_above_max_workers(tmp_path):
         tmp_path, edited(lambda d: d["available_node_types"]["t4"].update(min_workers=2))
     )
     assert "available_node_types.t4.min_workers: 2 is more than max_workers 1" in message
+
+
+@pytest.mark.parametrize(
+    ("node_type", "counts", "expected"),
+    [
+        ("t4", {"max_workers": -1}, "available_node_types.t4.max_workers: -1 is negative"),
+        ("t4", {"min_workers": -1}, "available_node_types.t4.min_workers: -1 is negative"),
+        (
+            "t4",
+            {"min_workers": -2, "max_workers": -1},
+            "available_node_types.t4.min_workers: -2 is negative",
+        ),
+        ("head", {"max_workers": -1}, "available_node_types.head.max_workers: -1 is negative"),
+    ],
+)
+def test_negative_worker_counts_are_refused(tmp_path, node_type, counts, expected):
+    message = error_for(
+        tmp_path, edited(lambda d: d["available_node_types"][node_type].update(counts))
+    )
+    assert expected in message and "To fix:" in message
+
+
+@pytest.mark.parametrize(
+    "name", ["../../x", "a/b", ".hidden", "-x", "", "a b", "x" * 65, "naïve", "a\\b"]
+)
+def test_a_cluster_name_that_is_not_a_plain_name_is_refused(tmp_path, name):
+    message = error_for(tmp_path, edited(lambda d: d.update(cluster_name=name)))
+    assert f"cluster_name: {name!r} is not allowed" in message
+    assert "letters, digits" in message and "64 characters" in message
+
+
+@pytest.mark.parametrize("name", ["shipyard-hetero", "my_cluster.v2", "A1", "x" * 64])
+def test_plain_cluster_names_are_accepted(tmp_path, name):
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(edited(lambda d: d.update(cluster_name=name))))
+    assert load_cluster(path).name == name
+
+
+def pip_installs(document: dict) -> list[str]:
+    """Every shell command in a cluster YAML (its own and its node types') that runs pip."""
+    sections = [document, *(document.get("available_node_types") or {}).values()]
+    commands = [
+        command
+        for section in sections
+        for key, value in section.items()
+        if key.endswith("_commands") and isinstance(value, list)
+        for command in value
+    ]
+    return [command for command in commands if re.search(r"\bpip3? install\b", command)]
+
+
+def installed(command: str) -> list[str]:
+    """What a `pip install` command asks for: its words after `install` that are no option."""
+    words = shlex.split(command)
+    return [word for word in words[words.index("install") + 1 :] if not word.startswith("-")]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "cluster").glob("*.yaml")), ids=lambda p: p.name)
+def test_cluster_yamls_install_exact_versions_only(path):
+    document = yaml.safe_load(path.read_text())
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    for command in pip_installs(document):
+        assert "git+" not in command, f"{path.name}: {command!r} installs from git"
+        for requirement in installed(command):
+            if requirement.endswith(".whl"):  # a wheel's file name carries its version
+                assert requirement in (document.get("file_mounts") or {}), (
+                    f"{path.name}: {requirement} is not carried by file_mounts"
+                )
+                assert f"shipyard-{version}-" in requirement, (
+                    f"{path.name}: {requirement} is not the wheel of Shipyard {version}"
+                )
+            else:
+                assert re.fullmatch(r"[A-Za-z0-9._\-\[\],]+==[A-Za-z0-9.+!]+", requirement), (
+                    f"{path.name}: {requirement!r} is not pinned to an exact version (==)"
+                )

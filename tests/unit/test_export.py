@@ -65,3 +65,42 @@ def test_big_weights_are_sharded_with_an_index_transformers_reads(tmp_path):
     opened = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(opened(TOKENS).logits, model(TOKENS), atol=1e-5, rtol=1e-5)
+
+
+FULL_DISK = """
+import resource, signal, sys
+from pathlib import Path
+import torch
+from shipyard.models.gpt import GPT
+from shipyard.serve.export import ExportError, write_export
+from shipyard.spec.model import GptModelSpec
+
+spec = GptModelSpec(layers=2, heads=2, width=16, sequence_length=16)
+state = GPT(spec, seed=3).state_dict()
+# A file may grow to 4 KiB here, as on a full disk (EFBIG instead of ENOSPC, without root).
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    write_export(Path(sys.argv[1]), state, spec, job_name="tiny", step=7)
+except ExportError as error:
+    print(error)
+"""
+
+
+def test_a_full_disk_while_exporting_is_a_clear_error_and_leaves_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "checkpoint_1").mkdir()
+    (tmp_path / "checkpoint_1" / "shipyard.json").write_text("{}")
+    target = tmp_path / "exports" / "checkpoint_1-abc"
+    target.parent.mkdir()
+    answer = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(target)], capture_output=True, text=True
+    )
+    assert answer.returncode == 0, answer.stderr
+    assert (
+        f"{target}: the export could not be written (File too large (os error 27))" in answer.stdout
+    )
+    assert list(target.parent.iterdir()) == [], "no export and no staging folder is left"
+    assert (tmp_path / "checkpoint_1" / "shipyard.json").read_text() == "{}"

@@ -82,6 +82,8 @@ def test_a_sweep_section_loads_with_defaults(write):
             swept({"space": {"data.validation_fraction": {"uniform": [0.05, 0.1]}}}),
             "takes choice or grid, not uniform",
         ),
+        # Its best trial is written as the job `<name>-best`: refused before the sweep, not after.
+        ({**swept({}), "name": "n" * 96}, "name: 96 characters; a sweep's job name may have"),
     ],
 )
 def test_bad_sweep_sections_name_the_file_and_field(write, document, message):

@@ -174,9 +174,9 @@ def _submit(args: argparse.Namespace, console: Console) -> int:
         raise SpecError(f"{args.job}: --run sweep needs a sweep: section. To fix: add one.")
     cluster = load_cluster(args.cluster) if args.cluster else None
     usable_stores(job)
-    if args.run == "train":
-        check_resumable(job)
     plan = plan_for(job, cluster)
+    if args.run == "train":
+        check_resumable(job, plan)
     address = jobs.jobs_address(args.address, _recorded_dashboard(cluster))
     client = jobs.client_for(address)
     with tempfile.TemporaryDirectory(prefix="shipyard-submit-") as folder:

@@ -38,9 +38,10 @@ def _plan(args: argparse.Namespace, console: Console) -> int:
     from shipyard.plan.plan import candidates, chosen
     from shipyard.plan.profile import load_profiles
     from shipyard.spec.cluster import local_cluster
-    from shipyard.spec.load import load_cluster, load_job
+    from shipyard.spec.load import check_data_source, load_cluster, load_job
 
     job = load_job(args.job)
+    check_data_source(job, args.job)
     cluster = load_cluster(args.cluster) if args.cluster else local_cluster()
     if args.profile:
         _profile(job, cluster, args, console)

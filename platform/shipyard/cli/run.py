@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -16,6 +17,20 @@ from rich.table import Table
 from shipyard.cli.common import usable_stores
 from shipyard.errors import ShipyardError
 
+if TYPE_CHECKING:
+    from shipyard.spec.job import JobSpec
+
+
+def _step_number(text: str) -> int:
+    """A training step to stop at: a whole number from 1 (0 would mean "not set" below)."""
+    try:
+        step = int(text)
+    except ValueError:
+        step = 0
+    if step < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a step: give a whole number >= 1")
+    return step
+
 
 def register(commands) -> None:
     """Add `train`, `serve`, `sweep` to the `shipyard` parser."""
@@ -23,7 +38,9 @@ def register(commands) -> None:
     train.add_argument("job", help="path of the job spec YAML, e.g. jobs/tiny-gpt.yaml")
     train.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or embedded)")
     train.add_argument(
-        "--stop-at-step", type=int, help="stop at this step with a checkpoint; re-run to continue"
+        "--stop-at-step",
+        type=_step_number,
+        help="stop at this step (1 or more) with a checkpoint; re-run to continue",
     )
     train.add_argument(
         "--cluster",
@@ -71,15 +88,24 @@ def register(commands) -> None:
 
 
 def _train(args: argparse.Namespace, console: Console) -> int:
-    from shipyard.runtime.local import ray_runtime
-    from shipyard.spec.load import load_cluster, load_job
-    from shipyard.train.trainer import check_resumable, plan_for, run_training
+    from shipyard.lock import exclusive_run
+    from shipyard.spec.load import check_data_source, load_job
 
     job = load_job(args.job)  # decide first: a bad spec or cluster fails before Ray starts
+    check_data_source(job, args.job)
+    with exclusive_run(job.storage, job.name):  # and so does another run of the job
+        return _train_job(job, args, console)
+
+
+def _train_job(job: JobSpec, args: argparse.Namespace, console: Console) -> int:
+    from shipyard.runtime.local import ray_runtime
+    from shipyard.spec.load import load_cluster
+    from shipyard.train.trainer import check_resumable, plan_for, run_training
+
     cluster = load_cluster(args.cluster) if args.cluster else None
     store = usable_stores(job)  # a missing bucket or refused credentials fail here too
-    check_resumable(job)  # and so does a changed model that would resume a checkpoint
     plan = plan_for(job, cluster)
+    check_resumable(job, plan)  # and so does a changed job that would resume a checkpoint
     console.print(f"[bold]{job.name}[/]  {plan.explain()}", highlight=False)
     final_step = min(job.train.max_steps, args.stop_at_step or job.train.max_steps)
     with ray_runtime(args.address, verbose=args.verbose), _progress(console) as progress:
@@ -117,19 +143,28 @@ def _train(args: argparse.Namespace, console: Console) -> int:
 
 def _sweep(args: argparse.Namespace, console: Console) -> int:
     from shipyard.errors import SpecError
-    from shipyard.runtime.local import ray_runtime
-    from shipyard.spec.load import load_job
-    from shipyard.storage import is_remote
-    from shipyard.sweep.report import TrialTable, results_table, write_results
-    from shipyard.sweep.search_space import check_sweep
-    from shipyard.sweep.tuner import check_resumable_sweep, run_sweep
+    from shipyard.lock import exclusive_run
+    from shipyard.spec.job import SWEEP_SUFFIX
+    from shipyard.spec.load import check_data_source, load_job
 
     job = load_job(args.job)  # decide first: a bad spec or sweep fails before Ray starts
+    check_data_source(job, args.job)
     if job.sweep is None:
         raise SpecError(
             f"{args.job}: sweep: the job has no sweep section. To fix: add one, e.g.\n"
             "sweep:\n  space:\n    train.lr: {loguniform: [1.0e-4, 3.0e-3]}"
         )
+    with exclusive_run(job.storage, f"{job.name}{SWEEP_SUFFIX}", "sweep"):
+        return _sweep_job(job, args, console)
+
+
+def _sweep_job(job: JobSpec, args: argparse.Namespace, console: Console) -> int:
+    from shipyard.runtime.local import ray_runtime
+    from shipyard.storage import is_remote
+    from shipyard.sweep.report import TrialTable, results_table, write_results
+    from shipyard.sweep.search_space import check_sweep
+    from shipyard.sweep.tuner import check_resumable_sweep, run_sweep
+
     dimensions = check_sweep(job, args.job)
     usable_stores(job)  # a missing bucket or refused credentials fail here too
     check_resumable_sweep(job, must_resume=args.resume)

@@ -15,6 +15,7 @@ cached profile wherever one matches a device of the plan.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 from shipyard import hardware
 from shipyard.plan.devices import DeviceGroup, cpu_threads
 from shipyard.spec.job import JobSpec
-from shipyard.storage import cache_root
+from shipyard.storage import cache_root, write_atomically
 
 MICRO_BATCH_SIZES = (1, 2, 4, 8, 16)
 REPEATS = 21
@@ -74,24 +75,39 @@ def save_profile(profile: DeviceProfile) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{profile.key}.json"
     data = asdict(profile)
-    if path.exists():
-        earlier = json.loads(path.read_text()).get("engine_overhead", {})
-        data["engine_overhead"] = {**earlier, **profile.engine_overhead}
-    path.write_text(json.dumps(data, indent=2))
+    earlier = _read_profile(path) if path.exists() else None
+    if earlier is not None:
+        data["engine_overhead"] = {**earlier.engine_overhead, **profile.engine_overhead}
+    write_atomically(path, json.dumps(data, indent=2))  # a crash mid-write leaves the old one
     return path
 
 
 def load_profiles(job: JobSpec) -> dict[str, DeviceProfile]:
-    """Cached profiles of this job's block shape, by key."""
+    """Cached profiles of this job's block shape, by key (a corrupt one is left out)."""
     found = {}
     for path in cache_folder().glob(f"*-{block_shape(job)}.json"):
+        profile = _read_profile(path)
+        if profile is not None:
+            found[profile.key] = profile
+    return found
+
+
+def _read_profile(path: Path) -> DeviceProfile | None:
+    """The profile cached in `path`; None, with a warning, if the file is not one: a cache
+    entry is only worth a new measurement, never a failed run."""
+    try:
         data = json.loads(path.read_text())
         data["seconds_by_micro_batch"] = {
-            int(micro): seconds for micro, seconds in data["seconds_by_micro_batch"].items()
+            int(micro): float(seconds) for micro, seconds in data["seconds_by_micro_batch"].items()
         }
-        profile = DeviceProfile(**data)
-        found[profile.key] = profile
-    return found
+        return DeviceProfile(**data)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+        print(
+            f"Warning: {path}: not a device profile ({type(error).__name__}: {error}); it is "
+            "ignored. `shipyard profile` measures the device again and replaces it.",
+            file=sys.stderr,
+        )
+        return None
 
 
 def calibrate(

@@ -37,13 +37,24 @@ from shipyard.models.sampling import BrokenModelError, GenerationRequest
 from shipyard.serve.batching import ContinuousBatcher, TokenStream
 from shipyard.serve.chat import ChatTemplate, TemplateError
 from shipyard.serve.export import load_generator, read_export
+from shipyard.serve.openapi import openapi_document
 from shipyard.serve.protocol import MAX_SEED, Answer, ApiError, ChatBody, CompletionBody, usage
 from shipyard.serve.text import TextAssembler
 from shipyard.spec.job import ServeSpec
 
 DEPLOYMENT_NAME = "ShipyardModel"
 
-api = FastAPI(title="Shipyard model server")
+# No interactive docs (their pages load scripts from a CDN); the OpenAPI document is served.
+api = FastAPI(title="Shipyard model server", docs_url=None, redoc_url=None)
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's /openapi.json, from the models that validate the bodies (the routes read
+    their bodies themselves, to bound them, so FastAPI cannot see those models)."""
+    return openapi_document(api.title)
+
+
+api.openapi = _openapi
 
 
 @api.exception_handler(ApiError)

@@ -7,8 +7,9 @@ writes it as config.json, generation_config.json and safetensors (sharded with a
 large), beside the run's tokenizer (tokenizer.json and its config; none for bytes). A manifest, shipyard-export.json, records the job, the step, the model spec and every
 file's SHA-256; a replica checks the files against it before it loads them.
 
-DeepSpeed's files are pickles (`torch.load(weights_only=False)`): loading one runs whatever code
-it holds. The export is made once, by the user who owns the checkpoint.
+DeepSpeed's files are pickles. They are read with torch's weights-only unpickler (tensors,
+plain containers and the few DeepSpeed classes `weights_only_loads` names), so a checkpoint
+from someone else cannot run code here: at worst it holds wrong weights.
 """
 
 from __future__ import annotations
@@ -27,15 +28,22 @@ from typing import Any
 
 import torch
 from pydantic import TypeAdapter
+from safetensors import SafetensorError
 
 from shipyard.data.tokenizer import BYTES, Tokenizer, saved_tokenizer
 from shipyard.errors import ShipyardError
 from shipyard.models import model_family
 from shipyard.models.tensor_parallel import join_shards
 from shipyard.spec.model import ModelSpec
-from shipyard.train.checkpoint import CHECKPOINT_TAG, TOKENIZER_FOLDER, SavedCheckpoint
+from shipyard.train.checkpoint import (
+    CHECKPOINT_TAG,
+    TOKENIZER_FOLDER,
+    SavedCheckpoint,
+    weights_only_loads,
+)
 
-EXPORT_FOLDER = "export"
+# Exports live beside a run's checkpoints, never inside one: Ray prunes checkpoint folders.
+EXPORTS_FOLDER = "exports"
 MANIFEST_FILE = "shipyard-export.json"
 _PIPELINE_LAYER_FILE = re.compile(r"layer_(\d+)(?:-model_(\d+))?-model_states\.pt")
 _MODEL_SPEC = TypeAdapter(ModelSpec)
@@ -74,15 +82,30 @@ class ExportedModel:
 def export_checkpoint(checkpoint: SavedCheckpoint) -> ExportedModel:
     """The checkpoint's export, consolidating its shards the first time it is asked for.
 
-    `checkpoint` must be on this machine (`local_copy` downloads one from S3).
+    `checkpoint` must be on this machine (`local_copy` downloads one from S3). The export is
+    made here, from DeepSpeed's files, in `exports/` beside the checkpoint folder (which Ray
+    prunes, even under a running deployment), named by the checkpoint's identity.
     """
-    target = Path(checkpoint.path) / EXPORT_FOLDER
+    target = export_folder(checkpoint)
     if (target / MANIFEST_FILE).is_file():
         return read_export(target)
     spec = _MODEL_SPEC.validate_python(checkpoint.job["model"])
-    state = consolidated_state_dict(checkpoint, spec)
+    with weights_only_loads(checkpoint.path):
+        state = consolidated_state_dict(checkpoint, spec)
     tokenizer = saved_tokenizer(Path(checkpoint.path) / TOKENIZER_FOLDER)
     return write_export(target, state, spec, checkpoint.job["name"], checkpoint.step, tokenizer)
+
+
+def export_folder(checkpoint: SavedCheckpoint) -> Path:
+    """Where `checkpoint`'s export goes: named by its step and a digest of its location and
+    metadata, so two sweep trials' `checkpoint_000003` (or a re-trained job's) never share one."""
+    folder = Path(checkpoint.path)
+    identity = json.dumps(
+        [str(folder.resolve()), checkpoint.job, checkpoint.plan, checkpoint.metrics],
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    return folder.parent / EXPORTS_FOLDER / f"{folder.name}-{digest}"
 
 
 def write_export(
@@ -97,6 +120,7 @@ def write_export(
     and the folder is renamed into place, so a crash never leaves a half-written export that
     looks complete. If `target` appears meanwhile (another process exported the same
     checkpoint), theirs is kept."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent))
     try:
         files = model_family(spec).export(state, staging, tokenizer.end_of_text)
@@ -109,9 +133,14 @@ def write_export(
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
         os.rename(staging, target)
-    except OSError:
-        if not (target / MANIFEST_FILE).is_file():
-            raise
+    except (OSError, SafetensorError) as error:  # a full disk, say (safetensors: its own)
+        if not (target / MANIFEST_FILE).is_file():  # else another process's export is there
+            reason = getattr(error, "strerror", None) or str(error).rsplit(": ", 1)[-1]
+            raise ExportError(
+                f"{target}: the export could not be written ({reason}); "
+                "nothing of it was kept and the checkpoint is as it was. To fix: free space "
+                f"(or rights) in {target.parent}, then export again."
+            ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return read_export(target)
@@ -204,8 +233,7 @@ def _from_zero_partitions(checkpoint_folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _torch_load(file: Path) -> Any:
-    # DeepSpeed's checkpoints are pickles; this runs only on the user's own checkpoint, once.
-    return torch.load(file, map_location="cpu", weights_only=False)
+    return torch.load(file, map_location="cpu", weights_only=True)
 
 
 def _sha256(path: Path) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,8 @@ ACCELERATOR_LABEL = "ray.io/accelerator-type"
 NODE_TYPE_LABEL = "ray.io/node-group"  # Ray labels each node with its node type's name
 FAKE_PROVIDER = "fake_multinode"
 LOCAL_PROVIDERS = ("local", FAKE_PROVIDER)
+# Names Ray's providers take in practice; Shipyard also names state files after the cluster.
+CLUSTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ def local_cluster() -> ClusterSpec:
 def parse_cluster(document: dict[str, Any], source: str) -> ClusterSpec:
     """Validate a cluster-launcher document and resolve its node types."""
     check_ray_schema(document, source)
+    _check_cluster_name(document["cluster_name"], source)
     node_types = document.get("available_node_types")
     if not node_types:
         raise SpecError(
@@ -117,6 +121,17 @@ def parse_cluster(document: dict[str, Any], source: str) -> ClusterSpec:
     )
     _check_distinct_labels(resolved, source)
     return ClusterSpec(document["cluster_name"], provider, resolved, source)
+
+
+def _check_cluster_name(name: str, source: str) -> None:
+    """A plain name: it becomes file names in Shipyard's cache, where `../x` or `a/b` would
+    land outside it."""
+    if not CLUSTER_NAME.fullmatch(name):
+        raise SpecError(
+            f"{source}: cluster_name: {name!r} is not allowed; letters, digits, '-', '_' and "
+            "'.' are, starting with a letter or digit, at most 64 characters. To fix: rename "
+            "it, e.g. shipyard-hetero."
+        )
 
 
 def _check_distinct_labels(node_types: tuple[NodeType, ...], source: str) -> None:
@@ -223,13 +238,7 @@ def _node_type(
             "or use a catalogued instance type."
         )
     cpus, memory_gib = _cpus_and_memory(resources, instance, is_head, provider)
-    max_nodes = 1 if is_head else int(entry.get("max_workers", document.get("max_workers", 0)))
-    min_nodes = 1 if is_head else int(entry.get("min_workers", 0))
-    if min_nodes > max_nodes:
-        raise SpecError(
-            f"{where}.min_workers: {min_nodes} is more than max_workers {max_nodes}. "
-            "To fix: lower min_workers or raise max_workers."
-        )
+    min_nodes, max_nodes = _node_counts(where, entry, document, is_head)
     return NodeType(
         name=name,
         max_nodes=max_nodes,
@@ -246,6 +255,28 @@ def _node_type(
         labels=labels,
         resources=resources,
     )
+
+
+def _node_counts(where: str, entry: dict, document: dict, is_head: bool) -> tuple[int, int]:
+    """The fewest and most nodes of a type the autoscaler runs (the head: one). Ray's schema
+    lets a node type's counts be negative; the planner would plan for them."""
+    counts = {
+        "min_workers": int(entry.get("min_workers", 0)),
+        "max_workers": int(entry.get("max_workers", document.get("max_workers", 0))),
+    }
+    for key, count in counts.items():
+        if count < 0:
+            raise SpecError(
+                f"{where}.{key}: {count} is negative. To fix: give a number of nodes, 0 or more."
+            )
+    if is_head:
+        return 1, 1
+    if counts["min_workers"] > counts["max_workers"]:
+        raise SpecError(
+            f"{where}.min_workers: {counts['min_workers']} is more than max_workers "
+            f"{counts['max_workers']}. To fix: lower min_workers or raise max_workers."
+        )
+    return counts["min_workers"], counts["max_workers"]
 
 
 def _instance_type_name(node_config: dict[str, Any]) -> str | None:

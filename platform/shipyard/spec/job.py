@@ -329,6 +329,10 @@ class SweepSpec(Strict):
         return self.pbt or PbtSpec()
 
 
+# A job's sweep lives in the folder `<name>-sweep` beside the job's own run folders.
+SWEEP_SUFFIX = "-sweep"
+
+
 class JobSpec(Strict):
     """One job: what model, on what data, trained how, saved where."""
 
@@ -357,6 +361,16 @@ class JobSpec(Strict):
     serve: ServeSpec = ServeSpec()
     sweep: SweepSpec | None = None
     tracking: TrackingSpec = TrackingSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_sweep_folder(cls, name: str) -> str:
+        if name.endswith(SWEEP_SUFFIX):
+            raise ValueError(
+                f"{name!r} ends in {SWEEP_SUFFIX!r}: the sweep of job {name[: -len(SWEEP_SUFFIX)]!r} "
+                "keeps its trials in a folder of that name. To fix: choose another name."
+            )
+        return name
 
     @field_validator("model", mode="before")
     @classmethod

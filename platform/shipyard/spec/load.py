@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import glob
 import os
 import types
 import typing
@@ -14,10 +15,12 @@ from pydantic import BaseModel, ValidationError
 
 from shipyard.errors import SpecError
 from shipyard.spec.cluster import ClusterSpec, parse_cluster
+from shipyard.spec.data import PYTHON_STDLIB
 from shipyard.spec.job import JobSpec
 from shipyard.storage import is_remote
 
 Spec = TypeVar("Spec", bound=BaseModel)
+MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 def load_job(path: str | os.PathLike[str]) -> JobSpec:
@@ -32,6 +35,31 @@ def load_job(path: str | os.PathLike[str]) -> JobSpec:
 
         check_sweep(job, str(path))
     return job
+
+
+def check_data_source(job: JobSpec, source: str) -> None:
+    """A data.source on this machine's disk must be there, refused now rather than once Ray
+    has started. Nothing is listed or read: a built-in corpus and an s3:// prefix are checked
+    when the corpus is prepared. Not part of load_job: serve, export and submit (which runs on
+    the cluster's head) need no corpus here."""
+    location = job.data.source
+    if location == PYTHON_STDLIB or is_remote(location) or _on_this_machine(location):
+        return
+    looked_at = Path(location).expanduser().absolute()
+    raise SpecError(
+        f"{source}: data.source: {location!r} is not on this machine: no file, folder or glob "
+        f"match at {looked_at}. To fix: give the path of a file or folder of text, JSONL or "
+        f"Parquet, a glob such as 'corpus/*.jsonl', {PYTHON_STDLIB!r} or an s3://bucket/prefix."
+    )
+
+
+def _on_this_machine(location: str) -> bool:
+    """Whether a local data.source is a file, a folder or a glob matching a file, resolved
+    against the cwd as the corpus reader does; stops at the first match."""
+    path = Path(location).expanduser()
+    if path.is_file() or path.is_dir():
+        return True
+    return any(Path(match).is_file() for match in glob.iglob(str(path), recursive=True))
 
 
 def _absolute_paths(job: JobSpec) -> JobSpec:
@@ -58,7 +86,9 @@ def read_yaml(path: str | os.PathLike[str], kind: str = "job spec") -> dict[str,
     if not file.is_file():
         raise SpecError(f"{path}: no such file. To fix: give the path of a {kind}.")
     try:
-        document = yaml.safe_load(file.read_text())
+        document = yaml.load(_utf8_text(path, kind), Loader=UniqueKeyLoader)
+    except RepeatedKeyError as error:
+        raise SpecError(f"{path}: {error.problem}") from None
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         line = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
@@ -70,6 +100,65 @@ def read_yaml(path: str | os.PathLike[str], kind: str = "job spec") -> dict[str,
             f"not {type(document).__name__}."
         )
     return document
+
+
+def _utf8_text(path: str | os.PathLike[str], kind: str) -> str:
+    """The file's text; a binary file or another encoding is refused at its first bad byte."""
+    content = Path(path).read_bytes()
+    try:
+        return content.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = content.count(b"\n", 0, error.start) + 1
+        raise SpecError(
+            f"{path}: not UTF-8 text: byte {error.start} (line {line}) is "
+            f"{content[error.start]:#04x}. To fix: give a {kind} saved as UTF-8."
+        ) from None
+
+
+class RepeatedKeyError(yaml.constructor.ConstructorError):
+    """A key written twice in one mapping; its problem names the key and both lines."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key written twice in one mapping, of which YAML
+    would silently keep the last. A key that a merge (`<<:`) brings may be written again: that
+    overrides it, which is what merge keys are for. Otherwise it loads what safe_load does
+    (and Ray, reading a cluster YAML)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._flattened: set[int] = set()
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Flattening adds the merged keys to node.value, and a mapping merged into others is
+        # flattened again there: its own keys are taken before, and checked the first time.
+        first_time = id(node) not in self._flattened
+        self._flattened.add(id(node))
+        written = [key for key, _ in node.value if key.tag != MERGE_TAG]
+        super().flatten_mapping(node)
+        if first_time:
+            self._refuse_repeated(written)
+
+    def _refuse_repeated(self, keys: list[yaml.Node]) -> None:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node in keys:
+            key = self.construct_object(key_node)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # an unhashable key, which the constructor refuses itself
+                continue
+            if first is not key_node:
+                raise RepeatedKeyError(
+                    problem=f"{key}: written twice in one mapping "
+                    f"({_lines(first, key_node)}); only the last would count. "
+                    "To fix: keep one of them.",
+                    problem_mark=key_node.start_mark,
+                )
+
+
+def _lines(first: yaml.Node, second: yaml.Node) -> str:
+    one, other = first.start_mark.line + 1, second.start_mark.line + 1
+    return f"both on line {one}" if one == other else f"lines {one} and {other}"
 
 
 def validate(model: type[Spec], document: dict[str, Any], source: str) -> Spec:

@@ -21,6 +21,7 @@ from shipyard.errors import TrainingError
 from shipyard.spec.job import JobSpec
 from shipyard.storage import from_ray_storage, is_remote, local_mirror, open_store
 from shipyard.sweep.history import by_trial, read_history
+from shipyard.sweep.search_space import BEST_SUFFIX
 from shipyard.sweep.trial import trial_of
 from shipyard.train.checkpoint import read_checkpoint
 
@@ -194,7 +195,7 @@ def write_best_job(checkpoint: str, job: JobSpec, destination: Path) -> str:
     """The job that produced `checkpoint`, renamed `<job>-best`, as YAML; returns its trial."""
     saved = read_checkpoint(checkpoint)
     trial = trial_of(saved)
-    best = {**saved.job, "name": f"{job.name}-best", "storage": job.storage}
+    best = {**saved.job, "name": f"{job.name}{BEST_SUFFIX}", "storage": job.storage}
     best.pop("sweep", None)
     JobSpec.model_validate(best)  # what we write must load
     header = (

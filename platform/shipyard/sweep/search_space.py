@@ -61,10 +61,21 @@ class Dimension:
         return list(self.values)
 
 
+# The sweep's best trial becomes a job of its own, named after the sweep's (job names: <= 100).
+BEST_SUFFIX = "-best"
+SWEEP_NAME_MAX = 100 - len(BEST_SUFFIX)
+
+
 def check_sweep(job: JobSpec, source: str) -> tuple[Dimension, ...]:
     """The job's search space, checked against the job and against the sweep's scheduler."""
     assert job.sweep is not None
     sweep = job.sweep
+    if len(job.name) > SWEEP_NAME_MAX:
+        raise SpecError(
+            f"{source}: name: {len(job.name)} characters; a sweep's job name may have at most "
+            f"{SWEEP_NAME_MAX}, as the best trial is written as the job `<name>{BEST_SUFFIX}` "
+            "(at most 100). To fix: shorten the name."
+        )
     dimensions = parse_search_space(sweep.space, job, source)
     for dimension in dimensions:
         where = f"{source}: sweep.space.{dimension.path}"

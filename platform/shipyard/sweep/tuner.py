@@ -24,7 +24,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from shipyard.data.corpus import Corpus, prepare_corpus
 from shipyard.errors import ResourceError, SpecError
-from shipyard.spec.job import JobSpec
+from shipyard.spec.job import SWEEP_SUFFIX, JobSpec
 from shipyard.storage import (
     local_mirror,
     mirrored_file,
@@ -53,7 +53,7 @@ class SweepSetup:
 
 def sweep_location(job: JobSpec) -> str:
     """Where the sweep of `job` keeps its state and results: a folder or an s3:// prefix."""
-    return f"{job.storage.rstrip('/')}/{job.name}-sweep"
+    return f"{job.storage.rstrip('/')}/{job.name}{SWEEP_SUFFIX}"
 
 
 def sweep_folder(job: JobSpec) -> Path:

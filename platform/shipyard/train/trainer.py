@@ -31,7 +31,7 @@ from shipyard.spec.job import JobSpec
 from shipyard.storage import from_ray_storage, mirrored_file, ray_storage
 from shipyard.tracking.record import RunContext, RunTracking, job_params
 from shipyard.tracking.setup import TrackingPlaces, open_tracking, submission_tags
-from shipyard.train.checkpoint import latest_checkpoint, state_changes
+from shipyard.train.checkpoint import latest_checkpoint, resume_changes
 from shipyard.train.worker import Fault, train_loop
 
 Metrics = dict[str, Any]
@@ -81,9 +81,10 @@ def run_training(
     """
     plan = plan or make_plan(job)
     check_resources(plan, ray.cluster_resources())
-    check_resumable(job)
+    check_resumable(job, plan)
     if corpus is None:
         corpus = prepare_corpus(job)
+    check_resumable(job, plan, corpus)  # the same source may hold other text now
     check_enough_data(corpus, plan, job)
     if on_corpus:
         on_corpus(corpus)
@@ -281,18 +282,24 @@ def check_resources(plan: ParallelPlan, cluster: dict[str, float]) -> None:
             )
 
 
-def check_resumable(job: JobSpec) -> None:
-    """Refuse to resume a checkpoint of a different model or layout instead of corrupting it."""
+def check_resumable(job: JobSpec, plan: ParallelPlan, corpus: Corpus | None = None) -> None:
+    """Refuse to resume a checkpoint that this job (as planned, on this corpus) would not
+    continue exactly: a different model or layout would corrupt it, and a changed seed, batch,
+    precision, schedule or data would silently make another run than the one that stopped."""
     saved = latest_checkpoint(job.storage, job.name)
     if saved is None:
         return
-    changes = state_changes(saved.job, job.model_dump(mode="json"))
+    changes = resume_changes(saved, job.model_dump(mode="json"), plan.to_dict())
+    if corpus is not None and saved.corpus not in (None, corpus.key):
+        changes.append(("data.source (its content, tokenized)", saved.corpus, corpus.key))
     if changes:
-        path, before, after = changes[0]
+        listed = "\n".join(
+            f"  {path}: {after!r} differs from {before!r}" for path, before, after in changes
+        )
         raise SpecError(
-            f"{path}: {after!r} differs from {before!r} in the checkpoint at "
-            f"{saved.path} (step {saved.step}) that job {job.name!r} would resume from. "
-            "To fix: give the job a new name, or change the field back; the saved "
+            f"job {job.name!r} would resume from the checkpoint at {saved.path} (step "
+            f"{saved.step}), which was trained otherwise:\n{listed}\nTo fix: change these "
+            "back to resume it exactly, or give the job a new name to start afresh; the saved "
             "checkpoint is left untouched."
         )
 

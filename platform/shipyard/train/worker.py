@@ -35,7 +35,12 @@ from shipyard.models.loss import language_model_loss
 from shipyard.models.tensor_parallel import TensorParallel
 from shipyard.plan.plan import ParallelPlan
 from shipyard.spec.job import JobSpec
-from shipyard.train.checkpoint import CHECKPOINT_TAG, METADATA_FILE, TOKENIZER_FOLDER
+from shipyard.train.checkpoint import (
+    CHECKPOINT_TAG,
+    METADATA_FILE,
+    TOKENIZER_FOLDER,
+    weights_only_loads,
+)
 from shipyard.train.deepspeed_config import deepspeed_config
 from shipyard.train.engine import (
     apply_hyperparameters,
@@ -124,6 +129,7 @@ class Worker:
         self.train_stream = TokenStream(folder / "train.bin", corpus.dtype, length)
         self.validation_stream = TokenStream(folder / "validation.bin", corpus.dtype, length)
         self.tokenizer = corpus.tokenizer
+        self.corpus_key = corpus.key
 
     def run(self) -> None:
         """Train until the final step, reporting metrics and checkpoints on the job's cadence."""
@@ -219,7 +225,7 @@ class Worker:
                 folder, tag=CHECKPOINT_TAG, client_state={"step": self.step}
             )
             if self.rank == 0:
-                _write_metadata(Path(folder), self.job, self.plan, metrics)
+                _write_metadata(Path(folder), self.job, self.plan, metrics, self.corpus_key)
                 # The tokenizer travels with every checkpoint, into every export.
                 self.tokenizer.save(Path(folder) / TOKENIZER_FOLDER, self.job.model.sequence_length)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
@@ -232,7 +238,8 @@ class Worker:
         checkpoint = ray.train.get_checkpoint() or start_checkpoint
         if checkpoint is None:
             return 0
-        with checkpoint.as_directory() as folder:  # downloaded first if it is on S3
+        with checkpoint.as_directory() as folder, weights_only_loads(checkpoint.path):
+            # (as_directory downloads the checkpoint first if it is on S3)
             _, client_state = self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
         apply_hyperparameters(self.engine, self.train)
         return int(client_state["step"])
@@ -314,7 +321,12 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 
 
 def _write_metadata(
-    folder: Path, job: JobSpec, plan: ParallelPlan, metrics: dict[str, Any]
+    folder: Path, job: JobSpec, plan: ParallelPlan, metrics: dict[str, Any], corpus_key: str
 ) -> None:
-    metadata = {"job": job.model_dump(mode="json"), "plan": plan.to_dict(), "metrics": metrics}
+    metadata = {
+        "job": job.model_dump(mode="json"),
+        "plan": plan.to_dict(),
+        "metrics": metrics,
+        "corpus": corpus_key,  # the tokens it trained on, by content: a resume needs the same
+    }
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
