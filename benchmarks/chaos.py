@@ -80,6 +80,15 @@ TINY = {
 }
 
 
+LONGER_RUN = {
+    **TINY["train"],
+    "max_steps": 160,
+    "log_every": 10,
+    "eval_every": 20,
+    "checkpoint_every": 20,
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(SECTIONS), help="sections, comma-separated")
@@ -95,7 +104,7 @@ def main() -> None:
         os.environ["SHIPYARD_CACHE"] = str(root / "cache")
         if "node" in chosen:  # a cluster of its own, driven through the CLI, before local Ray
             rows += node_kill(root / "node")
-        start_local_ray(logging_level=logging.WARNING)
+        start_local_ray(logging_level=logging.WARNING, log_to_driver=False)
         try:
             if {"serve", "fuzz", "inputs"} & set(chosen):
                 with served_model(root) as url:
@@ -204,10 +213,15 @@ def _ok(session: requests.Session, url: str, body: dict) -> bool:
 
 
 def _replica_pids() -> list[int]:
-    from ray.util.state import list_actors
+    """The Serve replicas' processes (Ray titles them `ray::ServeReplica:<app>:<deployment>`)."""
+    import psutil
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
-    return [actor.pid for actor in actors if "ServeReplica" in (actor.class_name or "")]
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        with suppress(psutil.Error):
+            if " ".join(process.cmdline()).startswith("ray::ServeReplica"):
+                found.append(process.pid)
+    return found
 
 
 def _replica_ids(url: str, probes: int) -> set[str]:
@@ -583,7 +597,7 @@ def s3_outage(folder: Path) -> list[tuple[str, str, str]]:
 
 def node_kill(folder: Path) -> list[tuple[str, str, str]]:
     """The same job on the fake heterogeneous cluster, uninterrupted and with the T4 node's
-    raylet SIGKILLed after step 10: Ray restarts the workers on a new node from the step-8
+    raylet SIGKILLed after step 30: Ray restarts the workers on a new node from the last
     checkpoint."""
     folder.mkdir(parents=True)
     cluster = REPO / "cluster" / "fake_hetero.yaml"
@@ -616,6 +630,7 @@ def node_kill(folder: Path) -> list[tuple[str, str, str]]:
                 **TINY,
                 "name": name,
                 "storage": str(folder / "runs"),
+                "train": LONGER_RUN,  # long enough for Ray to see the node die mid-run
                 "failure": {"max_failures": 2},
             }
             job_file = folder / f"{name}.yaml"
@@ -648,7 +663,7 @@ def node_kill(folder: Path) -> list[tuple[str, str, str]]:
             return _rows(metrics), killed
 
         steady, _ = train("steady", None)
-        faulted, killed = train("killed", 10)
+        faulted, killed = train("killed", 30)
     finally:
         subprocess.run(
             [*shipyard, "cluster", "down", str(cluster)],
@@ -682,19 +697,25 @@ def _rows(metrics: Path) -> list[dict]:
 
 
 def _kill_raylet_of(node_type: str) -> str:
-    """SIGKILL the raylet of a fake node of `node_type` (the fake provider names the type in
-    each node's environment)."""
+    """SIGKILL a fake node of `node_type` whole: its raylet and the processes it started (the
+    fake provider names the type in each node's environment). A real node's failure takes its
+    workers with it; a fake node's workers would linger on this machine without the raylet."""
     import psutil
 
     for process in psutil.process_iter(["name"]):
         if process.info["name"] != "raylet":
             continue
         try:
-            if process.environ().get("RAY_NODE_TYPE_NAME") == node_type:
-                process.kill()
-                return f"raylet {process.pid} (a {node_type})"
+            if process.environ().get("RAY_NODE_TYPE_NAME") != node_type:
+                continue
+            children = process.children(recursive=True)
+            process.kill()
         except psutil.Error:
             continue
+        for child in children:
+            with suppress(psutil.Error):
+                child.kill()
+        return f"the raylet {process.pid} of a {node_type} and its {len(children)} processes"
     return ""
 
 

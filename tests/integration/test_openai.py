@@ -228,6 +228,8 @@ def test_errors_come_in_openai_shape(client, deploy):
 
     cases = [
         ("{not json", 400, None, "not valid JSON"),
+        ('{"prompt": ' + "[" * 5000 + "]" * 5000 + "}", 400, None, "nested too deeply"),
+        (f'{{"model": "{NAME}", "prompt": "\\ud800"}}', 400, None, "lone UTF-16 surrogate"),
         ({"model": NAME}, 400, "prompt", "prompt: Field required"),
         ({"model": NAME, "prompt": 42}, 400, "prompt", "prompt: Input should be"),
         ({"model": NAME, "prompt": "x", "max_tokenz": 3}, 400, "max_tokenz", "not a field"),

@@ -102,6 +102,26 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(pieces)
 
 
+def _json_object(raw: bytes) -> dict[str, Any]:
+    """The body's JSON object, refused (400) when it is not JSON, is nested deeper than the
+    parser recurses, or holds a lone UTF-16 surrogate (valid JSON, but not text to encode)."""
+    try:
+        document = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "the request body is not valid JSON") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
+    if not isinstance(document, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        json.dumps(document, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise ApiError(
+            400, "the request body holds a lone UTF-16 surrogate (such as \\ud800): not text"
+        ) from None
+    return document
+
+
 def _too_large(limit: int) -> ApiError:
     return ApiError(
         413,
@@ -246,12 +266,7 @@ class ModelServer:
         """The request's body as `schema`, after its key and its size are checked."""
         self._authorize(request)
         raw = await _read_body(request, self.spec.max_request_bytes)
-        try:
-            document = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ApiError(400, "the request body is not valid JSON") from None
-        if not isinstance(document, dict):
-            raise ApiError(400, "the request body must be a JSON object")
+        document = _json_object(raw)
         try:
             body = schema.model_validate(document)
         except ValidationError as error:

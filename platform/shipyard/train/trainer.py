@@ -322,12 +322,20 @@ def check_enough_data(corpus: Corpus, plan: ParallelPlan, job: JobSpec) -> None:
 
 
 def _worker_message(error: Exception) -> str:
-    """The root cause a worker raised, without Ray's wrapping traceback."""
+    """The root cause a worker (or Ray Train's controller) raised, without Ray's wrapping."""
     failures = getattr(error, "worker_failures", None) or {}
     for rank, failure in sorted(failures.items()):
-        cause = failure
-        while getattr(cause, "cause", None) is not None:
-            cause = cause.cause
-        text = str(cause).strip().splitlines()
-        return f"rank {rank}: {text[-1] if text else type(cause).__name__}"
+        return f"rank {rank}: {_root_line(failure)}"
+    controller = getattr(error, "controller_failure", None)
+    if controller is not None:  # e.g. its storage could not be written
+        return f"Ray Train's controller: {_root_line(controller)}"
     return str(error).strip().splitlines()[0]
+
+
+def _root_line(failure: BaseException) -> str:
+    """The last line of the innermost cause's text (its message, not its traceback)."""
+    cause = failure
+    while (getattr(cause, "cause", None) or cause.__cause__) is not None:
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    text = str(cause).strip().splitlines()
+    return text[-1] if text else type(cause).__name__
