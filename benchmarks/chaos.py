@@ -600,7 +600,7 @@ def node_kill(folder: Path) -> list[tuple[str, str, str]]:
     raylet SIGKILLed after step 30: Ray restarts the workers on a new node from the last
     checkpoint."""
     folder.mkdir(parents=True)
-    cluster = REPO / "cluster" / "fake_hetero.yaml"
+    cluster = _with_a_spare_t4(REPO / "cluster" / "fake_hetero.yaml", folder)
     environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     environment |= {"RAY_AUTH_MODE": "token", "SHIPYARD_CACHE": str(folder / "cache")}
     port, dashboard = free_port(), free_port()
@@ -655,9 +655,14 @@ def node_kill(folder: Path) -> list[tuple[str, str, str]]:
             killed = ""
             while kill_after_step is not None and process.poll() is None and not killed:
                 if any(row["step"] > kill_after_step for row in _rows(metrics)):
-                    killed = _kill_raylet_of("t4_node")
-                time.sleep(0.5)
-            output, _ = process.communicate(timeout=900)
+                    killed = _kill_node_of_a_rank("t4_node")
+                time.sleep(0.2)
+            try:
+                output, _ = process.communicate(timeout=600)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                output, _ = process.communicate()
+                killed += " (the run did not end within 600 s)"
             if process.returncode != 0:
                 killed += f" (exit {process.returncode}: {output.strip().splitlines()[-1:]})"
             return _rows(metrics), killed
@@ -696,26 +701,44 @@ def _rows(metrics: Path) -> list[dict]:
     return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
 
 
-def _kill_raylet_of(node_type: str) -> str:
-    """SIGKILL a fake node of `node_type` whole: its raylet and the processes it started (the
-    fake provider names the type in each node's environment). A real node's failure takes its
-    workers with it; a fake node's workers would linger on this machine without the raylet."""
+def _with_a_spare_t4(cluster: Path, folder: Path) -> Path:
+    """The fake heterogeneous cluster with a second T4 node. Ray's fake provider never learns
+    that a node it started has died, so it would not start a replacement as a cloud's
+    autoscaler does; the spare stands in for that replacement."""
+    import yaml
+
+    document = yaml.safe_load(cluster.read_text())
+    document["cluster_name"] = "chaos-hetero"
+    document["max_workers"] = 3
+    document["available_node_types"]["t4_node"] |= {"min_workers": 2, "max_workers": 2}
+    spare = folder / "fake_hetero_spare.yaml"
+    spare.write_text(yaml.safe_dump(document))
+    return spare
+
+
+def _kill_node_of_a_rank(node_type: str) -> str:
+    """SIGKILL the fake node of `node_type` that hosts a Train worker, whole: its raylet and
+    every process it started (the fake provider names the type in each node's environment).
+    A real node's failure takes its workers with it; a fake node's would linger."""
     import psutil
 
     for process in psutil.process_iter(["name"]):
-        if process.info["name"] != "raylet":
-            continue
         try:
+            if process.info["name"] != "raylet":
+                continue
             if process.environ().get("RAY_NODE_TYPE_NAME") != node_type:
                 continue
             children = process.children(recursive=True)
-            process.kill()
+            titles = " ".join(" ".join(child.cmdline()) for child in children)
         except psutil.Error:
             continue
+        if "TrainWorker" not in titles:
+            continue  # the spare
+        process.kill()
         for child in children:
             with suppress(psutil.Error):
                 child.kill()
-        return f"the raylet {process.pid} of a {node_type} and its {len(children)} processes"
+        return f"the {node_type} hosting a rank: its raylet and {len(children)} processes"
     return ""
 
 
