@@ -455,13 +455,7 @@ def disk_full(folder: Path) -> list[tuple[str, str, str]]:
         saved = latest_checkpoint(job.storage, job.name)
         before = _digests(Path(saved.path))
         ballast = _fill(disk, leave_bytes=_folder_bytes(Path(saved.path)) // 3)
-        try:
-            run_training(job)
-            checkpoint = "no error: training finished"
-        except ShipyardError as error:
-            checkpoint = "clear error: " + " ".join(str(error).split())[:110]
-        except Exception as error:
-            checkpoint = f"TRACEBACK {type(error).__name__}: {str(error)[:100]}"
+        checkpoint = _outcome(lambda: run_training(job) and "no error: training finished")
         rows.append(("disk", "full during a checkpoint", checkpoint))
         newest = latest_checkpoint(job.storage, job.name)
         intact = _digests(Path(saved.path)) == before
@@ -472,13 +466,7 @@ def disk_full(folder: Path) -> list[tuple[str, str, str]]:
                 f"step {newest.step}; step {saved.step} intact: {intact}",
             )
         )
-        try:
-            export_checkpoint(newest)
-            exported = "no error"
-        except ShipyardError as error:
-            exported = "clear error: " + " ".join(str(error).split())[:110]
-        except Exception as error:
-            exported = f"TRACEBACK {type(error).__name__}: {str(error)[:100]}"
+        exported = _outcome(lambda: export_checkpoint(newest) and "no error")
         rows.append(("disk", "full during an export", exported))
         ballast.unlink()
         model = load_exported_model(export_checkpoint(newest))
@@ -492,6 +480,16 @@ def disk_full(folder: Path) -> list[tuple[str, str, str]]:
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
     return rows
+
+
+def _outcome(run) -> str:
+    """What `run()` says it did, or the error it raised: ours (clear) or any other."""
+    try:
+        return run()
+    except ShipyardError as error:
+        return "clear error: " + " ".join(str(error).split())[:110]
+    except Exception as error:
+        return f"TRACEBACK {type(error).__name__}: {str(error)[:100]}"
 
 
 def _mount_tmpfs(folder: Path, megabytes: int) -> bool:
@@ -563,27 +561,23 @@ def s3_outage(folder: Path) -> list[tuple[str, str, str]]:
                 threading.Timer(20, moto.send_signal, args=(signal.SIGCONT,)).start()
 
         started = time.monotonic()
-        try:
+
+        def frozen_run() -> str:
             result = run_training(job, on_metrics=freeze_at_a_checkpoint)
-            outcome = (
-                f"finished at step {result.final.get('step')} in {time.monotonic() - started:.0f} s"
-            )
-        except ShipyardError as error:
-            outcome = "clear error: " + " ".join(str(error).split())[:110]
-        except Exception as error:
-            outcome = f"TRACEBACK {type(error).__name__}: {str(error)[:100]}"
+            seconds = time.monotonic() - started
+            return f"finished at step {result.final.get('step')} in {seconds:.0f} s"
+
+        outcome = _outcome(frozen_run)
         rows.append(("s3", "endpoint frozen 20 s at the step-12 upload", outcome))
         registered = [c.step for c in saved_checkpoints(job.storage, job.name)]
         rows.append(("s3", "complete checkpoints registered", f"{registered}"))
-        again = run_training(job)
-        resumed = min((row["step"] for row in again.history), default=None)
-        rows.append(
-            (
-                "s3",
-                "a re-run resumes after the last complete one",
-                f"first step reported {resumed}, final {again.final.get('step')}",
-            )
-        )
+        if registered and registered[-1] == job.train.max_steps:
+            rerun = "nothing to resume: the run had finished"
+        else:
+            again = run_training(job)
+            resumed = again.history[0].get("resumed_from_step") if again.history else None
+            rerun = f"resumed from step {resumed}, ended at {again.final.get('step')}"
+        rows.append(("s3", "a re-run after it", rerun))
     finally:
         with suppress(ProcessLookupError):
             moto.send_signal(signal.SIGCONT)

@@ -22,7 +22,7 @@ import yaml
 from shipyard.lock import LOCKS_FOLDER
 from shipyard.models.gpt.generation import GenerationRequest, TextGenerator
 from shipyard.runtime.local import free_port
-from shipyard.serve.export import load_exported_model, read_export
+from shipyard.serve.export import export_folder, load_exported_model, read_export
 from shipyard.spec.load import load_job
 from shipyard.train.checkpoint import saved_checkpoints
 from tests.conftest import REPO
@@ -170,7 +170,7 @@ def embedded_env() -> dict[str, str]:
 
 def direct_answer(storage: Path, prompt: bytes, new_tokens: int) -> str:
     """What the latest export of cli-run generates greedily, computed in this process."""
-    export = read_export(Path(saved_checkpoints(str(storage), "cli-run")[-1].path, "export"))
+    export = read_export(export_folder(saved_checkpoints(str(storage), "cli-run")[-1]))
     generator = TextGenerator(load_exported_model(export), export.model.sequence_length)
     tokens = generator.generate([GenerationRequest(tuple(prompt), new_tokens)])[0]
     return bytes(tokens).decode("utf-8", errors="replace")
@@ -214,7 +214,8 @@ def test_serve_runs_in_the_foreground_until_sigterm(cli_run, tmp_path):
         requests.get(f"{url}/v1/health", timeout=5)
     config = yaml.safe_load((storage / "cli-run" / "serve_config.yaml").read_text())
     export = config["applications"][0]["args"]["export"]
-    assert export == str(Path(saved_checkpoints(str(storage), "cli-run")[-1].path, "export"))
+    # The export lives beside the checkpoints, where Ray's pruning of checkpoints cannot reach.
+    assert export == str(export_folder(saved_checkpoints(str(storage), "cli-run")[-1]))
 
 
 @pytest.fixture(scope="module")

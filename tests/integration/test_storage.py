@@ -14,6 +14,7 @@ import boto3
 import pytest
 
 from shipyard.runtime.local import free_port
+from shipyard.serve.export import export_folder
 from shipyard.storage import (
     MANIFEST,
     ChecksumError,
@@ -29,6 +30,7 @@ from shipyard.storage import (
     remove_folder,
     versions,
 )
+from shipyard.train.checkpoint import METADATA_FILE, SavedCheckpoint, local_copy
 from tests.conftest import start_moto_server
 
 pytestmark = pytest.mark.integration
@@ -288,3 +290,19 @@ def test_a_pretrained_folder_on_s3_is_fetched_once_and_again_when_it_changes(
     store.put_text("config.json", (first / "config.json").read_text().replace("64", "65", 1))
     changed = model_family(job.model).resolved.folder
     assert changed != first and first.is_dir(), "a new copy; the old one is left as it was"
+
+
+def test_two_trials_checkpoints_of_one_name_are_downloaded_apart(s3, tmp_path):
+    """Sweep trials each have a `checkpoint_000003`: the copy on this machine is named by the
+    whole S3 location, and an `export/` folder found inside is never what gets served."""
+    copies = []
+    for trial in ("trial-a", "trial-b"):
+        store = open_store(f"{s3}/sweep/{trial}/checkpoint_000003")
+        metadata = {"job": {"name": trial}, "plan": {}, "metrics": {"step": 3}}
+        store.put_text(METADATA_FILE, json.dumps(metadata))
+        store.put_text("export/shipyard-export.json", "{}")  # planted; ignored
+        saved = SavedCheckpoint(store.uri, 3, metadata["job"], {}, metadata["metrics"])
+        copies.append(local_copy(saved, tmp_path / "cache"))
+    assert copies[0].path != copies[1].path
+    assert [copy.job["name"] for copy in copies] == ["trial-a", "trial-b"]
+    assert all(not export_folder(copy).is_relative_to(copy.path) for copy in copies)

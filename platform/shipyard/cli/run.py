@@ -8,7 +8,6 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -16,9 +15,6 @@ from rich.table import Table
 
 from shipyard.cli.common import usable_stores
 from shipyard.errors import ShipyardError
-
-if TYPE_CHECKING:
-    from shipyard.spec.job import JobSpec
 
 
 def _step_number(text: str) -> int:
@@ -89,26 +85,20 @@ def register(commands) -> None:
 
 def _train(args: argparse.Namespace, console: Console) -> int:
     from shipyard.lock import exclusive_run
-    from shipyard.spec.load import check_data_source, load_job
+    from shipyard.runtime.local import ray_runtime
+    from shipyard.spec.load import check_data_source, load_cluster, load_job
+    from shipyard.train.trainer import check_resumable, plan_for, run_training
 
     job = load_job(args.job)  # decide first: a bad spec or cluster fails before Ray starts
     check_data_source(job, args.job)
-    with exclusive_run(job.storage, job.name):  # and so does another run of the job
-        return _train_job(job, args, console)
-
-
-def _train_job(job: JobSpec, args: argparse.Namespace, console: Console) -> int:
-    from shipyard.runtime.local import ray_runtime
-    from shipyard.spec.load import load_cluster
-    from shipyard.train.trainer import check_resumable, plan_for, run_training
-
     cluster = load_cluster(args.cluster) if args.cluster else None
     store = usable_stores(job)  # a missing bucket or refused credentials fail here too
     plan = plan_for(job, cluster)
     check_resumable(job, plan)  # and so does a changed job that would resume a checkpoint
     console.print(f"[bold]{job.name}[/]  {plan.explain()}", highlight=False)
     final_step = min(job.train.max_steps, args.stop_at_step or job.train.max_steps)
-    with ray_runtime(args.address, verbose=args.verbose), _progress(console) as progress:
+    running = exclusive_run(job.storage, job.name)  # and so does another run of the job
+    with running, ray_runtime(args.address, verbose=args.verbose), _progress(console) as progress:
         task = progress.add_task("starting Ray Train workers", total=final_step, status="")
 
         def show(row: dict) -> None:
@@ -144,8 +134,13 @@ def _train_job(job: JobSpec, args: argparse.Namespace, console: Console) -> int:
 def _sweep(args: argparse.Namespace, console: Console) -> int:
     from shipyard.errors import SpecError
     from shipyard.lock import exclusive_run
+    from shipyard.runtime.local import ray_runtime
     from shipyard.spec.job import SWEEP_SUFFIX
     from shipyard.spec.load import check_data_source, load_job
+    from shipyard.storage import is_remote
+    from shipyard.sweep.report import TrialTable, results_table, write_results
+    from shipyard.sweep.search_space import check_sweep
+    from shipyard.sweep.tuner import check_resumable_sweep, run_sweep
 
     job = load_job(args.job)  # decide first: a bad spec or sweep fails before Ray starts
     check_data_source(job, args.job)
@@ -154,17 +149,6 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
             f"{args.job}: sweep: the job has no sweep section. To fix: add one, e.g.\n"
             "sweep:\n  space:\n    train.lr: {loguniform: [1.0e-4, 3.0e-3]}"
         )
-    with exclusive_run(job.storage, f"{job.name}{SWEEP_SUFFIX}", "sweep"):
-        return _sweep_job(job, args, console)
-
-
-def _sweep_job(job: JobSpec, args: argparse.Namespace, console: Console) -> int:
-    from shipyard.runtime.local import ray_runtime
-    from shipyard.storage import is_remote
-    from shipyard.sweep.report import TrialTable, results_table, write_results
-    from shipyard.sweep.search_space import check_sweep
-    from shipyard.sweep.tuner import check_resumable_sweep, run_sweep
-
     dimensions = check_sweep(job, args.job)
     usable_stores(job)  # a missing bucket or refused credentials fail here too
     check_resumable_sweep(job, must_resume=args.resume)
@@ -180,7 +164,8 @@ def _sweep_job(job: JobSpec, args: argparse.Namespace, console: Console) -> int:
         )
 
     table = TrialTable(job.sweep.metric, paths, job.train.max_steps)
-    with ray_runtime(args.address, verbose=args.verbose):
+    running = exclusive_run(job.storage, f"{job.name}{SWEEP_SUFFIX}", "sweep")  # one at a time
+    with running, ray_runtime(args.address, verbose=args.verbose):
         setup, grid, unfinished = run_sweep(
             job, dimensions, callbacks=[table], must_resume=args.resume, on_setup=announce
         )
