@@ -264,16 +264,17 @@ def test_errors_come_in_openai_shape(client, deploy):
 
 
 def test_keys_limits_queue_and_timeouts_of_a_strict_deployment(deploy, monkeypatch):
-    """One sequence at a time and no queue; the idle wait (1 s) outlasts the request timeout
-    (0.5 s), so every answer times out, and a second request meanwhile finds the queue full."""
+    """One sequence at a time and no queue; the idle wait (4 s) outlasts the request timeout
+    (2 s), so every answer times out, and a second request meanwhile finds the queue full (the
+    2 s it waits leave a slow machine's health probes time to see it queued)."""
     monkeypatch.setenv("SHIPYARD_TEST_KEYS", f"other-key,{KEY}")
     url = deploy(
         api_keys_env="SHIPYARD_TEST_KEYS",
         max_request_bytes=2048,
         max_batch_size=1,
         max_queued_requests=0,
-        batch_wait_timeout_s=1.0,
-        request_timeout_s=0.5,
+        batch_wait_timeout_s=4.0,
+        request_timeout_s=2.0,
     )
     keyed = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
     anonymous = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0)
@@ -303,7 +304,7 @@ def test_keys_limits_queue_and_timeouts_of_a_strict_deployment(deploy, monkeypat
         assert second.json()["error"]["type"] == "rate_limit_error"
         timed_out = first.result()
     assert timed_out.status_code == 504 and "request_timeout_s" in timed_out.text
-    # A stream that starts the next decode loop waits its 1 s too, and times out streaming.
+    # A stream that starts the next decode loop waits its 4 s too, and times out streaming.
     wait_for(lambda: requests.get(f"{url}/v1/health").json()["idle"], 10, "an idle replica")
     with pytest.raises(openai.APIError, match="request_timeout_s"):
         list(keyed.completions.create(model=NAME, prompt="def ", max_tokens=4, stream=True))
