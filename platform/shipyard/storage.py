@@ -437,7 +437,7 @@ def latest(store: Store, name: str) -> Manifest | None:
     pointer = store.get_text(key)
     if pointer is None:
         return None
-    version = _json_field(store, key, pointer, "version", str)
+    version = _field(store, key, _json_object(store, key, pointer), "version", str)
     return _manifest(store, f"{name}/{_one_name(store, key, version)}/{MANIFEST}")
 
 
@@ -470,9 +470,10 @@ def _manifest(store: Store, key: str) -> Manifest:
     text = store.get_text(key)
     if text is None:
         raise StorageError(f"{store.uri}/{key}: the manifest is missing (changed by hand?).")
-    name = _json_field(store, key, text, "name", str)
-    version = _json_field(store, key, text, "version", str)
-    files = _json_field(store, key, text, "files", dict)
+    document = _json_object(store, key, text)
+    name = _field(store, key, document, "name", str)
+    version = _field(store, key, document, "version", str)
+    files = _field(store, key, document, "files", dict)
     for relative, facts in files.items():
         safe_relative(relative, f"{store.uri}/{key}: files")
         if not isinstance(facts, dict) or not isinstance(facts.get("sha256"), str):
@@ -481,16 +482,24 @@ def _manifest(store: Store, key: str) -> Manifest:
         name=_one_name(store, key, name),
         version=_one_name(store, key, version),
         files=files,
-        metadata=_json_field(store, key, text, "metadata", dict),
+        metadata=_field(store, key, document, "metadata", dict),
     )
 
 
-def _json_field(store: Store, key: str, text: str, field: str, kind: type) -> Any:
-    """`field` of the JSON object in `text`, of type `kind`, or a StorageError naming both."""
+def _json_object(store: Store, key: str, text: str) -> dict[str, Any]:
+    """The JSON object in `text` (the object at `key`), or a StorageError naming it."""
     try:
-        value = json.loads(text).get(field)
-    except (json.JSONDecodeError, AttributeError):
-        raise StorageError(f"{store.uri}/{key}: not a JSON object (corrupt?).") from None
+        document = json.loads(text)
+    except json.JSONDecodeError:
+        document = None
+    if not isinstance(document, dict):
+        raise StorageError(f"{store.uri}/{key}: not a JSON object (corrupt?).")
+    return document
+
+
+def _field(store: Store, key: str, document: dict[str, Any], field: str, kind: type) -> Any:
+    """`field` of `document` (the object at `key`), of type `kind`, or a StorageError."""
+    value = document.get(field)
     if not isinstance(value, kind):
         raise StorageError(f"{store.uri}/{key}: {field}: expected a {kind.__name__}.")
     return value

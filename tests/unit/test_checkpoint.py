@@ -89,7 +89,7 @@ def test_a_corpus_whose_content_changed_is_not_resumed(tmp_path):
     from shipyard.errors import SpecError
     from shipyard.plan.plan import make_plan
     from shipyard.spec.job import JobSpec
-    from shipyard.train.trainer import check_resumable
+    from shipyard.train.trainer import check_resumable, check_same_corpus
 
     job = JobSpec(name="j", storage=str(tmp_path), data={"source": "corpus.jsonl"})
     plan = make_plan(job)
@@ -107,7 +107,7 @@ def test_a_corpus_whose_content_changed_is_not_resumed(tmp_path):
     def corpus(key: str) -> Corpus:
         return Corpus("x", key, "uint16", {}, {}, 1, "corpus.jsonl", BYTES, 0.0)
 
-    check_resumable(job, plan)  # the spec and plan alone are the same
-    check_resumable(job, plan, corpus("tokens-of-before"))
+    saved = check_resumable(job, plan)  # the spec and plan alone are the same
+    check_same_corpus(job, saved, corpus("tokens-of-before"))
     with pytest.raises(SpecError, match=r"data.source \(its content, tokenized\): 'tokens-of-now'"):
-        check_resumable(job, plan, corpus("tokens-of-now"))
+        check_same_corpus(job, saved, corpus("tokens-of-now"))

@@ -31,7 +31,7 @@ from shipyard.spec.job import JobSpec
 from shipyard.storage import from_ray_storage, mirrored_file, ray_storage
 from shipyard.tracking.record import RunContext, RunTracking, job_params
 from shipyard.tracking.setup import TrackingPlaces, open_tracking, submission_tags
-from shipyard.train.checkpoint import latest_checkpoint, resume_changes
+from shipyard.train.checkpoint import SavedCheckpoint, latest_checkpoint, resume_changes
 from shipyard.train.worker import Fault, train_loop
 
 Metrics = dict[str, Any]
@@ -81,10 +81,10 @@ def run_training(
     """
     plan = plan or make_plan(job)
     check_resources(plan, ray.cluster_resources())
-    check_resumable(job, plan)
+    resumed = check_resumable(job, plan)
     if corpus is None:
         corpus = prepare_corpus(job)
-    check_resumable(job, plan, corpus)  # the same source may hold other text now
+    check_same_corpus(job, resumed, corpus)  # the same source may hold other text now
     check_enough_data(corpus, plan, job)
     if on_corpus:
         on_corpus(corpus)
@@ -282,16 +282,26 @@ def check_resources(plan: ParallelPlan, cluster: dict[str, float]) -> None:
             )
 
 
-def check_resumable(job: JobSpec, plan: ParallelPlan, corpus: Corpus | None = None) -> None:
-    """Refuse to resume a checkpoint that this job (as planned, on this corpus) would not
-    continue exactly: a different model or layout would corrupt it, and a changed seed, batch,
-    precision, schedule or data would silently make another run than the one that stopped."""
+def check_resumable(job: JobSpec, plan: ParallelPlan) -> SavedCheckpoint | None:
+    """The checkpoint the job resumes from, if any, refused if this job (as planned) would not
+    continue it exactly: a different model or layout would corrupt it, and a changed seed,
+    batch, precision or schedule would silently make another run than the one that stopped."""
     saved = latest_checkpoint(job.storage, job.name)
-    if saved is None:
-        return
-    changes = resume_changes(saved, job.model_dump(mode="json"), plan.to_dict())
-    if corpus is not None and saved.corpus not in (None, corpus.key):
-        changes.append(("data.source (its content, tokenized)", saved.corpus, corpus.key))
+    if saved is not None:
+        _refuse_changes(
+            job, saved, resume_changes(saved, job.model_dump(mode="json"), plan.to_dict())
+        )
+    return saved
+
+
+def check_same_corpus(job: JobSpec, saved: SavedCheckpoint | None, corpus: Corpus) -> None:
+    """Refuse to resume `saved` on other tokens than it trained on (its corpus key)."""
+    if saved is not None and saved.corpus not in (None, corpus.key):
+        changes = [("data.source (its content, tokenized)", saved.corpus, corpus.key)]
+        _refuse_changes(job, saved, changes)
+
+
+def _refuse_changes(job: JobSpec, saved: SavedCheckpoint, changes: list[tuple]) -> None:
     if changes:
         listed = "\n".join(
             f"  {path}: {after!r} differs from {before!r}" for path, before, after in changes
@@ -333,9 +343,10 @@ def _worker_message(error: Exception) -> str:
 
 
 def _root_line(failure: BaseException) -> str:
-    """The last line of the innermost cause's text (its message, not its traceback)."""
-    cause = failure
-    while (getattr(cause, "cause", None) or cause.__cause__) is not None:
-        cause = getattr(cause, "cause", None) or cause.__cause__
+    """The last line of the innermost cause's text (its message, not its traceback): Ray's
+    wrappers name theirs `cause`, Python's chained exceptions `__cause__`."""
+    cause, inner = failure, failure
+    while inner is not None:
+        cause, inner = inner, getattr(inner, "cause", None) or inner.__cause__
     text = str(cause).strip().splitlines()
     return text[-1] if text else type(cause).__name__
