@@ -4,7 +4,8 @@ All sweeps draw the same configs (one search space, one seed). Random search tra
 trial to the end; ASHA stops the weak ones at its rungs. For each, walk the trials' reports in
 time order and count the steps trained by all trials until some trial first reports a
 validation loss within 2% of the best any sweep found. Prints the counts, their ratios (goal:
-ASHA needs at least 3x fewer) and each sweep's wall time.
+ASHA needs at least 3x fewer) and each sweep's wall time (goal: ASHA's at least 2.5x shorter),
+and how long a trial's training run takes to start, phase by phase (goal: 5 s or less).
 
 ASHA runs with each promotion rule asked for: `pause` (the default), Li et al.'s, where trials
 pause at each rung and only the top 1/3 of all its results resume; and `percentile`, Tune's
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import tempfile
 import time
 
@@ -77,6 +79,8 @@ def main() -> None:
             f"{name:15s}: {found[name]} steps to find it, {total} steps in all, "
             f"best {own_best:.4f}, wall {wall[name]:.0f} s"
         )
+    for name in sweeps:
+        print(f"{name}: {start_breakdown(histories[name])}")
     rungs = Rungs.between(GRACE, REDUCTION, args.max_steps, CHECKPOINT_EVERY).milestones
     for name in sweeps[1:]:
         survival = rung_survival(histories[name], rungs)
@@ -124,6 +128,21 @@ def benchmark_job(name: str, storage: str, args) -> JobSpec:
         "sweep": sweep,
     }
     return validate(JobSpec, document, source="benchmark")
+
+
+def start_breakdown(rows) -> str:
+    """The median start of the sweep's training runs (each trial's, and each restart's: an
+    ASHA promotion or a PBT exploit), phase by phase (see shipyard.train.worker)."""
+    starts = [row for row in rows if "start_s" in row]
+    if not starts:
+        return "no run reported its start"
+    parts = ("launch", "imports", "setup", "first_step")
+    phases = ", ".join(
+        f"{part} {statistics.median(row[f'start_{part}_s'] for row in starts):.1f}"
+        for part in parts
+    )
+    total = statistics.median(row["start_s"] for row in starts)
+    return f"{len(starts)} runs started in {total:.1f} s (median; goal <= 5): {phases}"
 
 
 def steps_to_find(rows, target: float) -> int | None:

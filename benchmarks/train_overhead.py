@@ -4,9 +4,12 @@ Both sides train the same model with the same DeepSpeed config, process count an
 process on the same byte windows; only the launcher differs (torch.multiprocessing vs Ray Train
 with Ray Data, metrics and the Shipyard loop). For a Hugging Face job the baseline trains the
 transformers model itself (`AutoModelForCausalLM.from_config`, `use_cache=False`), Shipyard its
-pieces of it. Prints the ratio Shipyard ÷ baseline (goal ≥ 0.97).
+pieces of it. Prints the ratio Shipyard ÷ baseline (goal ≥ 0.97), and where the machine's
+CPU went during Shipyard's timed steps, process by process (the ranks, and everything Ray
+runs beside them), and how long the run took to start, phase by phase.
 
     .venv/bin/python benchmarks/train_overhead.py [--job jobs/tiny-gpt.yaml] [--steps 60]
+    .venv/bin/python benchmarks/train_overhead.py --larger   # 2x the width and layers: 8x
     .venv/bin/python benchmarks/train_overhead.py --job jobs/tiny-llama.yaml
 """
 
@@ -19,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import torch
 import torch.multiprocessing as mp
 
@@ -36,14 +40,18 @@ from shipyard.train.deepspeed_config import deepspeed_config
 from shipyard.train.schedule import lr_factor
 
 WARMUP_STEPS = 10
+START_PARTS = ("launch", "imports", "setup", "first_step")  # see shipyard.train.worker
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--job", default="jobs/tiny-gpt.yaml")
     parser.add_argument("--steps", type=int, default=60, help="timed steps after warm-up")
+    parser.add_argument(
+        "--larger", action="store_true", help="twice the width and layers (8x the parameters)"
+    )
     args = parser.parse_args()
-    job = benchmark_job(load_job(args.job), args.steps)
+    job = benchmark_job(load_job(args.job), args.steps, args.larger)
     plan = make_plan(job)
     print(
         f"{job.name}: {plan.num_workers} processes, ZeRO {plan.zero_stage}, "
@@ -51,18 +59,32 @@ def main() -> None:
     )
 
     baseline_first = baseline_throughput(job, args.steps)
-    shipyard = shipyard_throughput(job)
+    shipyard, cpu, start = shipyard_throughput(job)
     baseline_second = baseline_throughput(job, args.steps)
     baseline = (baseline_first + baseline_second) / 2
 
     print(f"baseline DeepSpeed loop : {baseline_first:,.0f} / {baseline_second:,.0f} tokens/s")
     print(f"shipyard (Ray Train)    : {shipyard:,.0f} tokens/s")
     print(f"ratio shipyard/baseline : {shipyard / baseline:.3f}  (goal >= 0.97)")
+    print(f"CPU during Shipyard's timed steps, % of one core ({psutil.cpu_count()} cores):")
+    for name, share in cpu:
+        print(f"  {share * 100:6.1f}  {name}")
+    print(
+        "start, s: "
+        + ", ".join(f"{part} {start[f'start_{part}_s']:.1f}" for part in START_PARTS)
+        + f" = {start['start_s']:.1f} to the first step done"
+    )
 
 
-def benchmark_job(job: JobSpec, steps: int) -> JobSpec:
-    """The job with pipelines off, no eval or checkpoint inside the timed window, fresh storage."""
+def benchmark_job(job: JobSpec, steps: int, larger: bool = False) -> JobSpec:
+    """The job with pipelines off, no eval or checkpoint inside the timed window, fresh storage
+    (`larger`: twice the width and layers)."""
     total = WARMUP_STEPS + steps
+    if larger:
+        model = job.model.model_copy(
+            update={"width": job.model.width * 2, "layers": job.model.layers * 2}
+        )
+        job = job.model_copy(update={"model": model})
     train = job.train.model_copy(
         update={
             "max_steps": total,
@@ -77,16 +99,61 @@ def benchmark_job(job: JobSpec, steps: int) -> JobSpec:
     return job.model_copy(update={"train": train, "storage": storage, "name": "overhead"})
 
 
-def shipyard_throughput(job: JobSpec) -> float:
+def shipyard_throughput(job: JobSpec) -> tuple[float, list[tuple[str, float]], dict]:
     """Median tokens/s over Shipyard's log windows after warm-up (the final window is excluded:
-    it includes the closing evaluation and checkpoint)."""
+    it includes the closing evaluation and checkpoint); the CPU each process used from the end
+    of warm-up to the last such window; the run's first row (its start breakdown)."""
     from shipyard.runtime.local import ray_runtime
     from shipyard.train.trainer import run_training
 
+    last_window = job.train.max_steps - job.train.log_every
+    samples: dict[int, tuple[float, dict]] = {}
+
+    def sample(row: dict) -> None:
+        if row["step"] in (WARMUP_STEPS, last_window):
+            samples[row["step"]] = (time.perf_counter(), cpu_seconds())
+
     with ray_runtime():
-        result = run_training(job)
+        result = run_training(job, on_metrics=sample)
     rows = [r for r in result.history if WARMUP_STEPS < r["step"] < job.train.max_steps]
-    return statistics.median(r["tokens_per_s"] for r in rows)
+    throughput = statistics.median(r["tokens_per_s"] for r in rows)
+    return throughput, cpu_shares(samples[WARMUP_STEPS], samples[last_window]), result.history[0]
+
+
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """Every process's name and CPU seconds so far."""
+    seconds = {}
+    for process in psutil.process_iter(["name", "cmdline", "cpu_times"]):
+        times, command = process.info["cpu_times"], process.info["cmdline"]
+        if times is not None:
+            seconds[process.pid] = (
+                _short_name(command, process.info["name"]),
+                times.user + times.system,
+            )
+    return seconds
+
+
+def cpu_shares(start, end, top: int = 12) -> list[tuple[str, float]]:
+    """Each kind of process's CPU between two `cpu_seconds` samples, as a share of one core,
+    the biggest first; the rest summed."""
+    (began, before), (ended, after) = start, end
+    shares: dict[str, float] = {}
+    for pid, (name, seconds) in after.items():
+        used = seconds - before.get(pid, (name, 0.0))[1]
+        shares[name] = shares.get(name, 0.0) + used / (ended - began)
+    ranked = sorted(shares.items(), key=lambda item: -item[1])
+    rest = sum(share for _, share in ranked[top:])
+    return [*ranked[:top], ("everything else", rest), ("all", sum(shares.values()))]
+
+
+def _short_name(command: list[str] | None, name: str) -> str:
+    """`ray::TrainController`, `gcs_server`, `python log_monitor.py`: what the process is."""
+    if not command:
+        return name
+    if command[0].startswith("ray::"):
+        return command[0].split()[0].split(".")[0]
+    scripts = [Path(part).name for part in command[1:3] if part.endswith(".py")]
+    return f"{Path(command[0]).name} {scripts[0]}" if scripts else Path(command[0]).name
 
 
 def baseline_throughput(job: JobSpec, steps: int) -> float:

@@ -198,3 +198,31 @@ def assert_tracked_once(location: str, result, folder) -> None:
     events = EventAccumulator(str(folder / "tensorboard"))
     events.Reload()
     assert [event.step for event in events.Scalars("loss")] == sorted(first)
+
+
+def test_a_run_on_the_embedded_ray_starts_lean_and_says_how_long_it_took(
+    layouts, ray_session, tmp_path
+):
+    """Nothing idles beside the ranks that a local run does not need: Ray Data's actors stop
+    once a corpus is ready, and no run starts a preemption watcher (one node nobody drains).
+    The run's first row breaks its start down, phase by phase."""
+    from ray.util.state import list_actors
+
+    from shipyard.data.corpus import prepare_corpus
+    from shipyard.runtime.local import RAY_DATA_ACTORS
+
+    result = layouts("zero1", zero_stage=1)
+    first, second = result.history[:2]
+    parts = [first[f"start_{part}_s"] for part in ("launch", "imports", "setup", "first_step")]
+    assert all(part > 0 for part in parts), first
+    assert first["start_s"] == pytest.approx(sum(parts))
+    assert not any(key.startswith("start") for key in second)
+
+    prepare_corpus(tiny_job("lean", tmp_path))  # a fresh corpus: Ray Data runs
+    for name, namespace in RAY_DATA_ACTORS:
+        with pytest.raises(ValueError):
+            ray_session.get_actor(name, namespace=namespace)
+    gcs = ray_session.get_runtime_context().gcs_address
+    started = {actor.class_name for actor in list_actors(address=gcs, limit=10_000)}
+    assert "TrainController" in started
+    assert "PreemptionWatcher" not in started

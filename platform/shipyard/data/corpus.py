@@ -27,6 +27,7 @@ import numpy as np
 from shipyard.data.sources import Sources, arrow_location, find_sources
 from shipyard.data.tokenizer import BYTES, Tokenizer, from_folder, train_bpe
 from shipyard.errors import ShipyardError, SpecError
+from shipyard.runtime.local import stop_ray_data_actors
 from shipyard.spec.data import DataSpec
 from shipyard.spec.job import JobSpec
 from shipyard.storage import cache_root, is_remote, open_store
@@ -82,7 +83,10 @@ def prepare_corpus(job: JobSpec) -> Corpus:
     manifest = store.get_text(f"{CORPORA}/{key}/{MANIFEST}")
     if manifest is not None:
         return _from_manifest(json.loads(manifest), f"{store.uri}/{CORPORA}/{key}", tokenizer)
-    return _prepare(job.data, sources, tokenizer, store, key)
+    try:
+        return _prepare(job.data, sources, tokenizer, store, key)
+    finally:
+        stop_ray_data_actors()
 
 
 def resolve_tokenizer(job: JobSpec, sources: Sources | None = None) -> Tokenizer:

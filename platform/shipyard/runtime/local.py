@@ -6,12 +6,30 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from shipyard.errors import ResourceError
 
 # Ray's switch between a loopback-only node (its macOS/Windows default) and a cluster node.
 LOOPBACK_FLAG = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Set to 1 for the full embedded Ray: dashboard UI, metrics export, an idle worker pool.
+FULL_RAY_SWITCH = "SHIPYARD_FULL_RAY"
+# A custom resource that marks the embedded Ray, so code running anywhere in it knows the
+# cluster is this process's own (and may, say, stop Ray Data's cluster-wide actors).
+EMBEDDED_RESOURCE = "shipyard_embedded"
+# On 2 cores every idle Ray process costs about 1% of a core, taken from the training ranks.
+# A lean embedded Ray runs only what a local job needs: no usage reporting, no metrics export,
+# no idle worker pool (a finished task's worker exits), no preemption watcher per run (one
+# node that nobody drains). The dashboard stays: Train V2's placement-group cleaner asks its
+# state API whether the run's controller is alive.
+LEAN_ENVIRONMENT = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+LEAN_SYSTEM_CONFIG = {"enable_metrics_collection": False, "num_workers_soft_limit": 0}
+# Ray Data's cluster-wide actors (name, namespace), created on first use and left running.
+# (Its AutoscalingCoordinator stays: Ray Train registers each run's resources with it.)
+RAY_DATA_ACTORS = (
+    ("datasets_stats_actor", "_dataset_stats_actor"),
+    ("DataUsageCollectionActor", "DataUsageCollectionActor"),
+)
 
 
 @contextmanager
@@ -61,9 +79,12 @@ def start_local_ray(**init_options) -> None:
     factory next to the job), as `python -m` would, and tokenize on one thread each: Ray runs
     a tokenizing task per CPU, and the tokenizers library's own thread pool on top of that
     would fight it for the same cores (a third slower on 2 cores).
+
+    It is lean (LEAN_ENVIRONMENT, LEAN_SYSTEM_CONFIG) unless SHIPYARD_FULL_RAY=1.
     """
     import ray
 
+    full = os.environ.get(FULL_RAY_SWITCH) == "1"
     address = f"127.0.0.1:{free_port()}"
     python_path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
     pinned = {
@@ -72,13 +93,19 @@ def start_local_ray(**init_options) -> None:
         "PYTHONPATH": python_path,
         "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false"),
         LOOPBACK_FLAG: "0",
+        **({} if full else LEAN_ENVIRONMENT),
     }
     saved = {name: os.environ.get(name) for name in pinned}
     os.environ.update(pinned)
     try:
         with _node_on_loopback():
             ray.init(
-                address="local", include_dashboard=True, dashboard_host="127.0.0.1", **init_options
+                address="local",
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                resources={EMBEDDED_RESOURCE: 1},
+                _system_config=None if full else LEAN_SYSTEM_CONFIG,
+                **init_options,
             )
     finally:
         for name, value in saved.items():
@@ -99,6 +126,26 @@ def _node_on_loopback() -> Iterator[None]:
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def is_embedded() -> bool:
+    """Whether the connected Ray is an embedded one that `start_local_ray` started."""
+    import ray
+
+    return ray.cluster_resources().get(EMBEDDED_RESOURCE, 0) > 0
+
+
+def stop_ray_data_actors() -> None:
+    """On the embedded Ray, stop the actors Ray Data leaves behind once a dataset is done:
+    they idle through the whole run, on the cores the ranks train on. Ray Data starts them
+    again if it is used again. A shared cluster's are left alone: other jobs use them."""
+    import ray
+
+    if not is_embedded():
+        return
+    for name, namespace in RAY_DATA_ACTORS:
+        with suppress(ValueError):  # not started
+            ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
 
 
 def free_port() -> int:

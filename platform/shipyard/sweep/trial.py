@@ -70,14 +70,18 @@ def run_trial(
         )
         return
 
+    held: dict[str, Any] = {}  # a run's start breakdown, until a row Tune takes
+
     def forward(row: dict[str, Any]) -> None:
         checkpoint = row.pop("checkpoint", None)
         if metric not in row:  # Tune wants its metric in every result
+            held.update((key, value) for key, value in row.items() if key.startswith("start_"))
             return
         tune.report(
-            {**row, "trial_run": run_name, "started_from_trial": origin},
+            {**held, **row, "trial_run": run_name, "started_from_trial": origin},
             checkpoint=_ray_checkpoint(checkpoint, runs_filesystem) if checkpoint else None,
         )
+        held.clear()
 
     try:
         run_training(

@@ -213,7 +213,7 @@ def build_tuner(job, dimensions, trainable, setup: SweepSetup, storage, callback
             mode=sweep.mode,
             num_samples=sweep.num_samples,
             **search_and_scheduler(job, dimensions, setup.concurrent_trials),
-            reuse_actors=False,
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=path.rsplit("/", 1)[1],

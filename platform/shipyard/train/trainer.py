@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,6 @@ from ray.train import (
     FailureConfig,
     RunConfig,
     ScalingConfig,
-    UserCallback,
 )
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Empty, Queue
@@ -26,13 +26,15 @@ from ray.util.queue import Empty, Queue
 from shipyard.data.corpus import Corpus, prepare_corpus
 from shipyard.errors import ResourceError, SpecError, TrainingError
 from shipyard.plan.plan import ParallelPlan, make_plan
+from shipyard.runtime.local import FULL_RAY_SWITCH, is_embedded
 from shipyard.spec.cluster import ClusterSpec
 from shipyard.spec.job import JobSpec
 from shipyard.storage import from_ray_storage, mirrored_file, ray_storage
 from shipyard.tracking.record import RunContext, RunTracking, job_params
 from shipyard.tracking.setup import TrackingPlaces, open_tracking, submission_tags
 from shipyard.train.checkpoint import SavedCheckpoint, latest_checkpoint, resume_changes
-from shipyard.train.worker import Fault, train_loop
+from shipyard.train.entry import ForwardMetrics, train_loop
+from shipyard.train.worker import Fault
 
 Metrics = dict[str, Any]
 METRICS_FILE = "metrics.jsonl"  # every reported row of every invocation, in order
@@ -41,6 +43,8 @@ METRICS_FILE = "metrics.jsonl"  # every reported row of every invocation, in ord
 # a job reporting more often is paced by the poll (the test model: 0.5 s a step instead of
 # 0.065 s). Shipyard's runs poll every 0.25 s unless the variable is set.
 POLL_INTERVAL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+METRICS_SWITCH = "RAY_TRAIN_METRICS_ENABLED"
+FIT_DONE = "fit done"  # the last item of a run's metrics queue
 
 
 @dataclass
@@ -79,6 +83,7 @@ def run_training(
     run from a checkpoint of the same model layout (a sweep trial continuing another trial's).
     `tracking_context` places the run in a sweep's tracking (its parent run and folders).
     """
+    began = time.time()
     plan = plan or make_plan(job)
     check_resources(plan, ray.cluster_resources())
     resumed = check_resumable(job, plan)
@@ -95,9 +100,9 @@ def run_training(
     result = TrainResult(tracking=places)
     status = "FAILED"
     try:
-        with metrics_log(job) as log, frequent_polls():
+        with metrics_log(job) as log, ray_train_settings():
             record = metrics_recorder(log, on_metrics, tracking)
-            outcome = _fit_forwarding_metrics(trainer, metrics_queue, result.history, record)
+            outcome = _fit_forwarding_metrics(trainer, metrics_queue, result.history, record, began)
         finished = result.final.get("step", 0) >= job.train.max_steps
         status = "FINISHED" if finished else "KILLED"
     except ray.train.TrainingFailedError as error:
@@ -125,18 +130,21 @@ def plan_for(job: JobSpec, cluster: ClusterSpec | None) -> ParallelPlan:
 
 
 @contextmanager
-def frequent_polls() -> Iterator[None]:
-    """POLL_INTERVAL in this process's environment while a run starts (Ray Train hands the
-    variable from the driver to its controller), unless the user chose a value."""
-    name, value = POLL_INTERVAL
-    if name in os.environ:
-        yield
-        return
-    os.environ[name] = value
+def ray_train_settings() -> Iterator[None]:
+    """Ray Train's settings for Shipyard's runs, in this process's environment while a run
+    starts (Ray Train reads them here or hands them to its controller), unless the user chose
+    a value: POLL_INTERVAL, and on the lean embedded Ray no metrics callbacks (their
+    Prometheus metrics go nowhere there)."""
+    settings = dict([POLL_INTERVAL])
+    if is_embedded() and os.environ.get(FULL_RAY_SWITCH) != "1":
+        settings[METRICS_SWITCH] = "0"
+    chosen = {name: value for name, value in settings.items() if name not in os.environ}
+    os.environ.update(chosen)
     try:
         yield
     finally:
-        os.environ.pop(name, None)
+        for name in chosen:
+            os.environ.pop(name, None)
 
 
 def metrics_log(job: JobSpec):
@@ -163,11 +171,15 @@ def metrics_recorder(
     return record
 
 
-def _fit_forwarding_metrics(trainer, metrics_queue, history, on_metrics) -> ray.train.Result:
+def _fit_forwarding_metrics(
+    trainer, metrics_queue, history, on_metrics, began: float
+) -> ray.train.Result:
     """Run `trainer.fit()` on a helper thread while this thread forwards metrics as they come.
 
     Off the main thread, Ray Train installs no SIGINT handler of its own, so Ctrl-C reaches the
     caller as KeyboardInterrupt and the command can shut Ray down and say how to resume.
+    The helper thread ends the queue with FIT_DONE, so this one waits on the queue alone
+    (a few calls a minute to the queue's actor rather than a poll every half second).
     """
     outcome: dict[str, Any] = {}
 
@@ -176,28 +188,42 @@ def _fit_forwarding_metrics(trainer, metrics_queue, history, on_metrics) -> ray.
             outcome["result"] = trainer.fit()
         except BaseException as error:
             outcome["error"] = error
+        finally:
+            metrics_queue.put(FIT_DONE)
 
     thread = threading.Thread(target=fit, name="shipyard-fit", daemon=True)
     thread.start()
-    while thread.is_alive():
-        _forward(metrics_queue, history, on_metrics, timeout=0.5)
-    while _forward(metrics_queue, history, on_metrics, timeout=None):
-        pass
+    while (row := _next_row(metrics_queue)) != FIT_DONE:
+        if row is not None:
+            row = _with_launch_time(row, began)
+            history.append(row)
+            if on_metrics:
+                on_metrics(row)
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
 
 
-def _forward(metrics_queue, history, on_metrics, timeout: float | None) -> bool:
-    """Move one row from the queue to `history` (None: only if one is waiting)."""
+def _with_launch_time(row: Metrics, began: float) -> Metrics:
+    """A run's first row, with rank 0's process creation made the seconds from `began` (the
+    run's call) to it: the controller, placement and actor start (`start_launch_s`), and the
+    whole start to the first step done (`start_s`)."""
+    if "start_created_at" not in row:
+        return row
+    row = dict(row)
+    row["start_launch_s"] = row.pop("start_created_at") - began
+    row["start_s"] = sum(
+        row[f"start_{part}_s"] for part in ("launch", "imports", "setup", "first_step")
+    )
+    return row
+
+
+def _next_row(metrics_queue) -> Metrics | str | None:
+    """The queue's next item, or None after a few seconds without one (a chance for Ctrl-C)."""
     try:
-        row = metrics_queue.get_nowait() if timeout is None else metrics_queue.get(timeout=timeout)
+        return metrics_queue.get(timeout=5)
     except Empty:
-        return False
-    history.append(row)
-    if on_metrics:
-        on_metrics(row)
-    return True
+        return None
 
 
 def build_trainer(
@@ -253,19 +279,6 @@ def placement(plan: ParallelPlan) -> list[dict[str, str]] | None:
     if not plan.select_nodes:
         return None  # one node type: any node with the resources will do
     return [dict(rank.node_selector) for rank in plan.ranks]
-
-
-class ForwardMetrics(UserCallback):
-    """Runs in the Train controller: forwards rank 0's metrics to the driver for live progress."""
-
-    def __init__(self, metrics_queue: Queue):
-        self.metrics_queue = metrics_queue
-
-    def after_report(self, run_context, metrics, checkpoint) -> None:
-        row = dict(metrics[0])
-        if checkpoint is not None:  # named as Shipyard names it (Ray drops s3:// on S3)
-            row["checkpoint"] = from_ray_storage(checkpoint.path, checkpoint.filesystem)
-        self.metrics_queue.put(row)
 
 
 def check_resources(plan: ParallelPlan, cluster: dict[str, float]) -> None:

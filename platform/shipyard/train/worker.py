@@ -62,8 +62,10 @@ class Fault:
     marker: str  # a file that records the fault happened, so the restarted run is spared
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """Entry point of each Ray Train worker; `config` is plain data from the driver."""
+def run_rank(config: dict[str, Any]) -> None:
+    """Train as one rank (`shipyard.train.entry.train_loop`); `config` is plain data from the
+    driver."""
+    clock = StartClock(created=psutil.Process().create_time(), entered=time.time())
     job = JobSpec.model_validate(config["job"])
     plan = ParallelPlan.from_dict(config["plan"])
     fault = Fault(**config["fault"]) if config.get("fault") else None
@@ -76,7 +78,26 @@ def train_loop(config: dict[str, Any]) -> None:
         fault=fault,
         start_checkpoint=config.get("start_checkpoint"),
     )
-    worker.run()
+    clock.ready = time.time()
+    worker.run(clock)
+
+
+@dataclass
+class StartClock:
+    """When this rank's process was created, entered the loop and had its engine ready: the
+    start breakdown its first report carries (`start_*` metrics)."""
+
+    created: float
+    entered: float
+    ready: float = 0.0
+
+    def breakdown(self, first_step_done: float) -> dict[str, float]:
+        return {
+            "start_created_at": self.created,  # the driver makes it start_launch_s
+            "start_imports_s": self.entered - self.created,  # Python, Ray, torch, DeepSpeed
+            "start_setup_s": self.ready - self.entered,  # process group, engine, restore
+            "start_first_step_s": first_step_done - self.ready,
+        }
 
 
 class Worker:
@@ -131,19 +152,21 @@ class Worker:
         self.tokenizer = corpus.tokenizer
         self.corpus_key = corpus.key
 
-    def run(self) -> None:
-        """Train until the final step, reporting metrics and checkpoints on the job's cadence."""
+    def run(self, clock: StartClock | None = None) -> None:
+        """Train until the final step, reporting metrics and checkpoints on the job's cadence.
+        The first report says how long this run took to start (`clock`)."""
         if self.step >= self.final_step:
             ray.train.report({"step": self.step, "already_complete": True, **self._evaluate()})
             return
         resumed_from = self.step
         batches = self._micro_batches()
         window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
-        reported = False
+        reported, first_step_done = False, 0.0
         while self.step < self.final_step:
             # Dropout: the ranks of one tensor-parallel group share the generator.
             torch.manual_seed(_step_seed(self.train.seed, self.step, self.rank // self.tp.size))
             window_loss += self._optimizer_step(batches)
+            first_step_done = first_step_done or time.time()
             self.step += 1
             window_steps += 1
             self._maybe_fail()
@@ -162,8 +185,10 @@ class Worker:
                 "resumed_from_step": resumed_from,
                 "rss_mib": psutil.Process().memory_info().rss / 2**20,  # this rank's host memory
             }
-            if not reported:  # the first report of this run says where each rank really runs
+            if not reported:  # the first report of this run: where each rank runs, its start
                 metrics["node_types"] = self.placement
+                if clock:
+                    metrics.update(clock.breakdown(first_step_done))
             if self.step % self.train.eval_every == 0 or self.step == self.final_step:
                 metrics.update(self._evaluate())
             self._report(metrics)
@@ -219,6 +244,8 @@ class Worker:
             ray.train.report(metrics)
             return
         # Each rank saves its own shard locally; Ray merges all ranks' files into one checkpoint.
+        # The copy to storage runs on Ray Train's upload thread while this rank trains on; the
+        # checkpoint is registered (and ever resumed from) only once every rank's copy is done.
         folder = tempfile.mkdtemp(prefix="shipyard-checkpoint-")
         try:
             self.engine.save_checkpoint(
@@ -228,9 +255,15 @@ class Worker:
                 _write_metadata(Path(folder), self.job, self.plan, metrics, self.corpus_key)
                 # The tokenizer travels with every checkpoint, into every export.
                 self.tokenizer.save(Path(folder) / TOKENIZER_FOLDER, self.job.model.sequence_length)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-        finally:
+        except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
+            raise
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(folder),
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+            delete_local_checkpoint_after_upload=True,
+        )
 
     def _restore(self, start_checkpoint: ray.train.Checkpoint | None) -> int:
         """The step to continue from: this run's own latest checkpoint, else `start_checkpoint`
