@@ -44,6 +44,7 @@ METRICS_FILE = "metrics.jsonl"  # every reported row of every invocation, in ord
 # 0.065 s). Shipyard's runs poll every 0.25 s unless the variable is set.
 POLL_INTERVAL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 METRICS_SWITCH = "RAY_TRAIN_METRICS_ENABLED"
+PYDANTIC_FOOTER = "For further information visit"  # the last line of a ValidationError
 FIT_DONE = "fit done"  # the last item of a run's metrics queue
 
 
@@ -361,5 +362,9 @@ def _root_line(failure: BaseException) -> str:
     cause, inner = failure, failure
     while inner is not None:
         cause, inner = inner, getattr(inner, "cause", None) or inner.__cause__
-    text = str(cause).strip().splitlines()
-    return text[-1] if text else type(cause).__name__
+    text = [
+        line
+        for line in str(cause).strip().splitlines()
+        if not line.strip().startswith(PYDANTIC_FOOTER)
+    ]
+    return text[-1].strip() if text else type(cause).__name__
