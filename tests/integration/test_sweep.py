@@ -15,6 +15,7 @@ import pytest
 import yaml
 from ray.util.state import list_actors, list_placement_groups
 
+from shipyard.runtime.local import POOL_WARNING
 from shipyard.serve.export import export_checkpoint, load_exported_model
 from shipyard.spec.job import JobSpec
 from shipyard.spec.load import validate
@@ -131,6 +132,8 @@ def test_interrupted_asha_sweep_on_s3_resumes_elsewhere_and_reports_its_best(
     )
     assert second.returncode == 0, second.stdout + second.stderr
     assert "resuming" in second.stdout
+    for printed in (first_log.read_text(), second.stdout):  # Ray's advice for other programs
+        assert POOL_WARNING not in printed
 
     histories = by_trial(read_history(second_machine / mirror))  # both runs' rows
     lr_of = {trial: rows[0]["config"]["train.lr"] for trial, rows in histories.items()}

@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
+from typing import TextIO
 
 from shipyard.errors import ResourceError
 
@@ -24,6 +27,11 @@ EMBEDDED_RESOURCE = "shipyard_embedded"
 # state API whether the run's controller is alive.
 LEAN_ENVIRONMENT = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 LEAN_SYSTEM_CONFIG = {"enable_metrics_collection": False, "num_workers_soft_limit": 0}
+# The raylet warns the driver each time a node's Python processes reach another multiple of 4x
+# its CPUs. A Shipyard run always does on a small machine (a run is 6 processes besides its
+# ranks: Ray Train's controller, synchronisation, dataset and cleanup actors, the metrics queue),
+# and a sweep twice over, so the advice it gives (fewer actors, whole CPUs) does not apply.
+POOL_WARNING = "worker processes have been started on node"
 # Ray Data's cluster-wide actors (name, namespace), created on first use and left running.
 # (Its AutoscalingCoordinator stays: Ray Train registers each run's resources with it.)
 RAY_DATA_ACTORS = (
@@ -50,14 +58,15 @@ def ray_runtime(address: str | None = None, *, verbose: bool = False) -> Iterato
         "log_to_driver": verbose,
         "logging_level": logging.INFO if verbose else logging.WARNING,
     }
-    if address:
-        _join(ray, address, options)
-    else:
-        start_local_ray(**options)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    with nullcontext() if verbose else without_lines(POOL_WARNING):
+        if address:
+            _join(ray, address, options)
+        else:
+            start_local_ray(**options)
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 def start_local_ray(**init_options) -> None:
@@ -166,6 +175,41 @@ def _join(ray, address: str, options: dict) -> None:
             "default for `ray start`), set RAY_AUTH_MODE=token and provide its token in "
             "~/.ray/auth_token or RAY_AUTH_TOKEN."
         ) from None
+
+
+@contextmanager
+def without_lines(marker: str) -> Iterator[None]:
+    """sys.stdout, minus the lines that contain `marker`, until the block ends (Ray's driver
+    prints the raylet's warnings there from a thread of its own)."""
+    filtered = LineFilter(sys.stdout, marker)
+    sys.stdout = filtered
+    try:
+        yield
+    finally:
+        if sys.stdout is filtered:
+            sys.stdout = filtered.stream
+
+
+class LineFilter:
+    """A text stream that passes everything on to `stream` but what `print` writes for a
+    line containing `marker` (the text, and the newline `print` writes after it)."""
+
+    def __init__(self, stream: TextIO, marker: str):
+        self.stream, self.marker = stream, marker
+        self._dropped_by: int | None = None  # the thread whose line was just dropped
+
+    def write(self, text: str) -> int:
+        thread = threading.get_ident()
+        if self.marker in text:
+            self._dropped_by = thread
+            return len(text)
+        if text == "\n" and self._dropped_by == thread:
+            self._dropped_by = None
+            return len(text)
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
 
 
 def _quiet_ray_data(verbose: bool) -> None:
