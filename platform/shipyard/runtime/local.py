@@ -28,9 +28,10 @@ EMBEDDED_RESOURCE = "shipyard_embedded"
 LEAN_ENVIRONMENT = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 LEAN_SYSTEM_CONFIG = {"enable_metrics_collection": False, "num_workers_soft_limit": 0}
 # The raylet warns the driver each time a node's Python processes reach another multiple of 4x
-# its CPUs. A Shipyard run always does on a small machine (a run is 6 processes besides its
-# ranks: Ray Train's controller, synchronisation, dataset and cleanup actors, the metrics queue),
-# and a sweep twice over, so the advice it gives (fewer actors, whole CPUs) does not apply.
+# its CPUs. A Shipyard run always does on a small machine (a run has six Ray processes besides
+# its ranks: Ray Train's controller, synchronisation, dataset and clean-up actors, Ray Data's
+# autoscaling coordinator, the metrics queue), and a sweep twice over, so the advice it gives
+# (fewer actors, whole CPUs) does not apply.
 POOL_WARNING = "worker processes have been started on node"
 # Ray Data's cluster-wide actors (name, namespace), created on first use and left running.
 # (Its AutoscalingCoordinator stays: Ray Train registers each run's resources with it.)

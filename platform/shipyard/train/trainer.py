@@ -7,7 +7,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,7 +190,8 @@ def _fit_forwarding_metrics(
         except BaseException as error:
             outcome["error"] = error
         finally:
-            metrics_queue.put(FIT_DONE)
+            with suppress(Exception):  # the queue is gone if this run was interrupted
+                metrics_queue.put(FIT_DONE)
 
     thread = threading.Thread(target=fit, name="shipyard-fit", daemon=True)
     thread.start()
@@ -200,6 +201,8 @@ def _fit_forwarding_metrics(
             history.append(row)
             if on_metrics:
                 on_metrics(row)
+        elif not thread.is_alive():
+            break
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
