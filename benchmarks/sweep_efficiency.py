@@ -36,6 +36,7 @@ from shipyard.sweep.history import by_trial, read_history
 from shipyard.sweep.promotion import Rungs
 from shipyard.sweep.search_space import check_sweep
 from shipyard.sweep.tuner import run_sweep, sweep_folder
+from shipyard.train.trainer import START_PARTS
 
 WITHIN = 1.02
 GRACE, REDUCTION = 9, 3  # ASHA's rungs: steps 9, 27, 81, ...
@@ -136,10 +137,9 @@ def start_breakdown(rows) -> str:
     starts = [row for row in rows if "start_s" in row]
     if not starts:
         return "no run reported its start"
-    parts = ("launch", "imports", "setup", "first_step")
     phases = ", ".join(
         f"{part} {statistics.median(row[f'start_{part}_s'] for row in starts):.1f}"
-        for part in parts
+        for part in START_PARTS
     )
     total = statistics.median(row["start_s"] for row in starts)
     return f"{len(starts)} runs started in {total:.1f} s (median; goal <= 5): {phases}"

@@ -40,10 +40,12 @@ from shipyard.train.deepspeed_config import deepspeed_config
 from shipyard.train.schedule import lr_factor
 
 WARMUP_STEPS = 10
-START_PARTS = ("launch", "imports", "setup", "first_step")  # see shipyard.train.worker
 
 
 def main() -> None:
+    # Imported here, not at the top: each spawned baseline process imports this module.
+    from shipyard.train.trainer import START_PARTS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--job", default="jobs/tiny-gpt.yaml")
     parser.add_argument("--steps", type=int, default=60, help="timed steps after warm-up")

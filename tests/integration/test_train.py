@@ -12,7 +12,7 @@ from shipyard.serve.export import export_checkpoint, load_exported_model
 from shipyard.spec.tracking import TrackingSpec
 from shipyard.storage import open_store
 from shipyard.train.checkpoint import latest_checkpoint, local_copy, saved_checkpoints
-from shipyard.train.trainer import run_training
+from shipyard.train.trainer import START_PARTS, run_training
 from shipyard.train.worker import Fault
 from tests.integration.conftest import PP2_TP2, shipped_job, tiny_job, validation_loss
 
@@ -213,7 +213,7 @@ def test_a_run_on_the_embedded_ray_starts_lean_and_says_how_long_it_took(
 
     result = layouts("zero1", zero_stage=1)
     first, second = result.history[:2]
-    parts = [first[f"start_{part}_s"] for part in ("launch", "imports", "setup", "first_step")]
+    parts = [first[f"start_{part}_s"] for part in START_PARTS]
     assert all(part > 0 for part in parts), first
     assert first["start_s"] == pytest.approx(sum(parts))
     assert not any(key.startswith("start") for key in second)

@@ -9,8 +9,7 @@ from shipyard.train.worker import StartClock
 
 
 def test_the_first_row_breaks_the_start_down_from_the_runs_call():
-    clock = StartClock(created=100.0, entered=107.5)
-    clock.ready = 111.0
+    clock = StartClock(created=100.0, entered=107.5, ready=111.0)
     row = {"step": 4, "loss": 2.0, **clock.breakdown(first_step_done=111.5)}
     started = _with_launch_time(row, began=95.0)
     assert started["start_launch_s"] == pytest.approx(5.0)  # call to rank 0's process

@@ -94,7 +94,7 @@ def start_local_ray(**init_options) -> None:
     """
     import ray
 
-    full = os.environ.get(FULL_RAY_SWITCH) == "1"
+    full = wants_full_ray()
     address = f"127.0.0.1:{free_port()}"
     python_path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
     pinned = {
@@ -136,6 +136,11 @@ def _node_on_loopback() -> Iterator[None]:
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def wants_full_ray() -> bool:
+    """Whether the user asked for the full embedded Ray (SHIPYARD_FULL_RAY=1)."""
+    return os.environ.get(FULL_RAY_SWITCH) == "1"
 
 
 def is_embedded() -> bool:

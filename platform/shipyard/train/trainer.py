@@ -26,7 +26,7 @@ from ray.util.queue import Empty, Queue
 from shipyard.data.corpus import Corpus, prepare_corpus
 from shipyard.errors import ResourceError, SpecError, TrainingError
 from shipyard.plan.plan import ParallelPlan, make_plan
-from shipyard.runtime.local import FULL_RAY_SWITCH, is_embedded
+from shipyard.runtime.local import is_embedded, wants_full_ray
 from shipyard.spec.cluster import ClusterSpec
 from shipyard.spec.job import JobSpec
 from shipyard.storage import from_ray_storage, mirrored_file, ray_storage
@@ -46,6 +46,9 @@ POLL_INTERVAL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 METRICS_SWITCH = "RAY_TRAIN_METRICS_ENABLED"
 PYDANTIC_FOOTER = "For further information visit"  # the last line of a ValidationError
 FIT_DONE = "fit done"  # the last item of a run's metrics queue
+# The phases of a run's start, each a `start_<phase>_s` metric of its first row; they add up to
+# `start_s` (launch: the driver's; the rest: rank 0's StartClock).
+START_PARTS = ("launch", "imports", "setup", "first_step")
 
 
 @dataclass
@@ -137,7 +140,7 @@ def ray_train_settings() -> Iterator[None]:
     a value: POLL_INTERVAL, and on the lean embedded Ray no metrics callbacks (their
     Prometheus metrics go nowhere there)."""
     settings = dict([POLL_INTERVAL])
-    if is_embedded() and os.environ.get(FULL_RAY_SWITCH) != "1":
+    if is_embedded() and not wants_full_ray():
         settings[METRICS_SWITCH] = "0"
     chosen = {name: value for name, value in settings.items() if name not in os.environ}
     os.environ.update(chosen)
@@ -216,9 +219,7 @@ def _with_launch_time(row: Metrics, began: float) -> Metrics:
         return row
     row = dict(row)
     row["start_launch_s"] = row.pop("start_created_at") - began
-    row["start_s"] = sum(
-        row[f"start_{part}_s"] for part in ("launch", "imports", "setup", "first_step")
-    )
+    row["start_s"] = sum(row[f"start_{part}_s"] for part in START_PARTS)
     return row
 
 

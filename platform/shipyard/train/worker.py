@@ -65,7 +65,7 @@ class Fault:
 def run_rank(config: dict[str, Any]) -> None:
     """Train as one rank (`shipyard.train.entry.train_loop`); `config` is plain data from the
     driver."""
-    clock = StartClock(created=psutil.Process().create_time(), entered=time.time())
+    entered = time.time()
     job = JobSpec.model_validate(config["job"])
     plan = ParallelPlan.from_dict(config["plan"])
     fault = Fault(**config["fault"]) if config.get("fault") else None
@@ -78,18 +78,18 @@ def run_rank(config: dict[str, Any]) -> None:
         fault=fault,
         start_checkpoint=config.get("start_checkpoint"),
     )
-    clock.ready = time.time()
+    clock = StartClock(psutil.Process().create_time(), entered, ready=time.time())
     worker.run(clock)
 
 
-@dataclass
+@dataclass(frozen=True)
 class StartClock:
     """When this rank's process was created, entered the loop and had its engine ready: the
     start breakdown its first report carries (`start_*` metrics)."""
 
     created: float
     entered: float
-    ready: float = 0.0
+    ready: float
 
     def breakdown(self, first_step_done: float) -> dict[str, float]:
         return {
