@@ -78,6 +78,8 @@ def write_corpus(path: Path, size: int) -> Path:
                 line = json.dumps({"text": f"# copy {copy}\n{text}"}) + "\n"
                 file.write(line)
                 written += len(line)
+                if written >= size:  # the sizes asked for, not whole copies of the library
+                    break
             copy += 1
     return path
 

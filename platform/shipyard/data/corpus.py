@@ -38,6 +38,7 @@ MANIFEST = "corpus.json"
 SPLITS = ("train", "validation")
 FORMAT_VERSION = 1  # part of every key: a new packing format never reads an old cache
 HASH_BUCKETS = 10_000
+PACK_BATCH = 128  # documents per packing task
 
 
 class CorpusError(SpecError):
@@ -191,7 +192,7 @@ def _prepare(data: DataSpec, sources: Sources, tokenizer: Tokenizer, store, key:
     }
     packed = [
         documents.map_batches(
-            pack_documents, fn_kwargs=options, batch_format="numpy", batch_size=256
+            pack_documents, fn_kwargs=options, batch_format="numpy", batch_size=PACK_BATCH
         )
         for documents in _documents(data, sources)
     ]
@@ -307,14 +308,20 @@ def _documents(data: DataSpec, sources: Sources) -> list:
     datasets = []
     for kind, uris in sources.by_format().items():
         paths, filesystem = arrow_location(uris)
+        # A read streams its blocks out as the tokenizing tasks take them, holding its slot
+        # till the last: with a CPU of its own it would keep one tokenizing task from running.
+        reading = {
+            "filesystem": filesystem,
+            "include_paths": True,
+            "num_cpus": 0,
+            "concurrency": min(_cpus(), len(uris)),
+        }
         if kind == "text":
-            read = ray.data.read_binary_files(paths, filesystem=filesystem, include_paths=True)
+            read = ray.data.read_binary_files(paths, **reading)
             datasets.append(read.map_batches(_text_documents, batch_format="numpy"))
         elif kind == "jsonl":
             # Lines parsed here: Ray's JSON reader goes through pandas and is 3x slower.
-            read = ray.data.read_text(
-                paths, filesystem=filesystem, include_paths=True, drop_empty_lines=True
-            )
+            read = ray.data.read_text(paths, drop_empty_lines=True, **reading)
             field = data.tokens_field or data.text_field
             name = "data.tokens_field" if data.tokens_field else "data.text_field"
             kwargs = {"field": field, "name": name}
@@ -323,9 +330,7 @@ def _documents(data: DataSpec, sources: Sources) -> list:
             )
         else:
             column = data.tokens_field or data.text_column
-            read = ray.data.read_parquet(
-                paths, filesystem=filesystem, columns=[column], include_paths=True
-            )
+            read = ray.data.read_parquet(paths, columns=[column], **reading)
             kwargs = {
                 "field": column,
                 "name": "data.tokens_field" if data.tokens_field else "data.text_column",
@@ -336,6 +341,12 @@ def _documents(data: DataSpec, sources: Sources) -> list:
     for dataset in datasets:  # the same files give the same token files, byte for byte
         dataset.context.execution_options.preserve_order = True
     return datasets
+
+
+def _cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def _text_documents(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -25,7 +25,8 @@ EMBEDDED_RESOURCE = "shipyard_embedded"
 # no idle worker pool (a finished task's worker exits), no preemption watcher per run (one
 # node that nobody drains). The dashboard stays: Train V2's placement-group cleaner asks its
 # state API whether the run's controller is alive.
-LEAN_ENVIRONMENT = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+USAGE_SWITCH = "RAY_USAGE_STATS_ENABLED"
+LEAN_ENVIRONMENT = {USAGE_SWITCH: "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 LEAN_SYSTEM_CONFIG = {"enable_metrics_collection": False, "num_workers_soft_limit": 0}
 # The raylet warns the driver each time a node's Python processes reach another multiple of 4x
 # its CPUs. A Shipyard run always does on a small machine (a run has six Ray processes besides
@@ -84,7 +85,8 @@ def start_local_ray(**init_options) -> None:
     `ray start` last recorded in /tmp/ray, even one that has since died. Ray's state API, which
     Train V2's placement-group cleaner calls from inside the cluster, has the same flaw: it reads
     RAY_ADDRESS, else that file. So the GCS port is fixed up front and every Ray process started
-    here inherits RAY_ADDRESS naming its own cluster; this process's environment is restored.
+    here inherits RAY_ADDRESS naming its own cluster; this process's environment is restored
+    (but for a lean Ray's usage switch, which Ray Data reads in the driver).
     Its workers also find Python modules in the folder Shipyard was started from (a model
     factory next to the job), as `python -m` would, and tokenize on one thread each: Ray runs
     a tokenizing task per CPU, and the tokenizers library's own thread pool on top of that
@@ -123,6 +125,8 @@ def start_local_ray(**init_options) -> None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+        if not full:  # Ray Data asks the driver's environment at every run, and would
+            os.environ[USAGE_SWITCH] = "0"  # otherwise start its usage actor each time
 
 
 @contextmanager
