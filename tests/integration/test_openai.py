@@ -189,6 +189,7 @@ def test_sixteen_streams_equal_their_solo_answers_while_a_client_hangs_up(client
         left.set()
         return events
 
+    abandoned = requests.get(f"{url}/v1/health").json()["abandoned"]
     with ThreadPoolExecutor(16) as pool:
         streams = [pool.submit(stream, body) for body in bodies]
         # The leaver joins a full batch, where its 120 tokens take many seconds.
@@ -202,10 +203,12 @@ def test_sixteen_streams_equal_their_solo_answers_while_a_client_hangs_up(client
         health = requests.get(f"{url}/v1/health").json()
         return health["running"] == 0 and health["waiting"] == 0
 
-    # Whether Serve's proxy hands the hang-up to the replica in time to cut the leaver's
-    # sequence short is not asserted: it did in one local run and not in the next (the
-    # batcher's side, a cancelled stream leaving at the next step, is a unit test).
+    # Whether the hang-up cuts the leaver's sequence short is not asserted: Serve 2.60's proxy
+    # sees it at once and cancels the request, but the replica's ASGI call runs on until the
+    # answer is complete (see docs/serving.md). The replica's side, a closed stream leaving
+    # the batch at the next step, is pinned by unit tests.
     wait_for(settled, 60, "the batch to empty")
+    assert requests.get(f"{url}/v1/health").json()["abandoned"] <= abandoned + 1
 
 
 def long_answer(client: openai.OpenAI, body: dict) -> dict:

@@ -162,3 +162,53 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
         for seed in range(50)
     }
     assert draws == {1, 2}
+
+
+@pytest.mark.parametrize("spec_version", ["2.4", "2.3"])
+def test_a_cancelled_stream_closes_its_generator_at_once(spec_version):
+    """Serve cancels the response of a client that hung up, mostly while it waits in `send`
+    with the event generator paused at a yield: the generator's `finally` (which takes the
+    answer's sequences out of the batch) must run then, not at garbage collection."""
+    import asyncio
+    import gc
+
+    from fastapi.responses import StreamingResponse
+
+    from shipyard.serve.app import ClosingStreamingResponse
+
+    async def cancelled_mid_stream(response_class) -> bool:
+        closed = asyncio.Event()
+
+        async def events():
+            try:
+                for number in range(100):
+                    yield f"data: {number}\n\n"
+            finally:
+                closed.set()
+
+        sent = asyncio.Event()
+
+        async def send(message):
+            if message["type"] == "http.response.body":
+                sent.set()
+                await asyncio.Event().wait()  # a slow client: this write never ends
+
+        async def receive():
+            await asyncio.Event().wait()  # no disconnect message: Serve cancels instead
+
+        scope = {"type": "http", "asgi": {"spec_version": spec_version}}
+        response = response_class(events(), media_type="text/event-stream")
+        task = asyncio.create_task(response(scope, receive, send))
+        await sent.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0)
+        return closed.is_set()
+
+    gc.disable()  # garbage collection would close a forgotten generator too
+    try:
+        assert asyncio.run(cancelled_mid_stream(ClosingStreamingResponse))
+        assert not asyncio.run(cancelled_mid_stream(StreamingResponse)), "Starlette's does not"
+    finally:
+        gc.enable()

@@ -157,6 +157,20 @@ def _event(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+class ClosingStreamingResponse(StreamingResponse):
+    """A streamed response that closes its event generator however it ends. When the client
+    hangs up, Serve cancels the response; Starlette's loop over the generator stops where it
+    was, most often in `send` with the generator paused at a `yield`, and leaves it open until
+    garbage collection: its `finally`, which takes the sequences out of the batch, would wait
+    until then while they go on decoding for nobody."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
 @dataclass
 class Choice:
     """One sequence of an answer: its index, its tokens as they come, its text."""
@@ -380,7 +394,7 @@ class ModelServer:
         prompt_tokens = body.n * sum(len(prompt) for prompt in prompts)
         if body.stream:
             events = self._events(answer, choices, prompt_tokens, body.include_usage)
-            return StreamingResponse(events, media_type="text/event-stream")
+            return ClosingStreamingResponse(events, media_type="text/event-stream")
         return await self._whole(answer, choices, prompt_tokens, base_seed)
 
     async def _whole(
