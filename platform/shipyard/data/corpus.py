@@ -305,7 +305,7 @@ def _documents(data: DataSpec, sources: Sources) -> list:
     str}; the formats come in a fixed order, and each keeps its files' order."""
     import ray.data
 
-    datasets = []
+    datasets, cpus = [], _cpus()
     for kind, uris in sources.by_format().items():
         paths, filesystem = arrow_location(uris)
         # A read streams its blocks out as the tokenizing tasks take them, holding its slot
@@ -314,7 +314,7 @@ def _documents(data: DataSpec, sources: Sources) -> list:
             "filesystem": filesystem,
             "include_paths": True,
             "num_cpus": 0,
-            "concurrency": min(_cpus(), len(uris)),
+            "concurrency": min(cpus, len(uris)),
         }
         if kind == "text":
             read = ray.data.read_binary_files(paths, **reading)
