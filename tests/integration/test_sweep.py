@@ -47,6 +47,12 @@ SWEEP_ACTORS = {
 }
 
 
+# Tune gives a trial's thread this long to end before it reuses the trial's actor, and a
+# failed reuse ends the next trial unannounced. At 0 every reuse of a paused trial's actor
+# fails, as it did at random when the thread's cleanup took over 2 s: none may be tried.
+NO_GRACE = {"TUNE_FUNCTION_THREAD_TIMEOUT_S": "0"}
+
+
 def sweep_job(
     name: str, storage, sweep: dict, model: dict | None = None, tracking=None, **train
 ) -> JobSpec:
@@ -110,7 +116,7 @@ def test_interrupted_asha_sweep_on_s3_resumes_elsewhere_and_reports_its_best(
         command,
         stdout=first_log.open("w"),
         stderr=subprocess.STDOUT,
-        env=without_ray_address(SHIPYARD_CACHE=str(tmp_path / "first-machine")),
+        env=without_ray_address(SHIPYARD_CACHE=str(tmp_path / "first-machine"), **NO_GRACE),
         start_new_session=True,
     )
     try:
@@ -127,7 +133,7 @@ def test_interrupted_asha_sweep_on_s3_resumes_elsewhere_and_reports_its_best(
         command,
         capture_output=True,
         text=True,
-        env=without_ray_address(SHIPYARD_CACHE=str(second_machine)),
+        env=without_ray_address(SHIPYARD_CACHE=str(second_machine), **NO_GRACE),
         timeout=600,
     )
     assert second.returncode == 0, second.stdout + second.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from ray.tune.experiment import Trial
@@ -115,6 +116,24 @@ def test_no_new_trial_starts_beyond_the_concurrent_trials():
     assert not asha.may_start_new_trial()
     # A trial added without a slot (a resumed sweep's) waits, held as PAUSED.
     assert added(asha, "c").status == Trial.PAUSED and asha.queued == {"c": 0}
+
+
+def test_a_trial_tune_ends_without_telling_the_scheduler_gives_its_slot_back():
+    """Tune marks a trial ERROR and calls no scheduler when the trial's start on a reused
+    actor fails: its slot must not stay taken, or the sweep waits for good."""
+    asha = scheduler()
+    first = added(asha, "first")
+    asha.on_trial_result(None, first, {"step": 8, "val_loss": 5.0})
+    first.set_status(Trial.PAUSED)
+    second = added(asha, "second")
+    assert asha.on_trial_result(None, second, {"step": 8, "val_loss": 4.0}) == "CONTINUE"
+    assert not asha.may_start_new_trial()
+    second.set_status(Trial.ERROR)  # unannounced
+    tune = SimpleNamespace(
+        get_trials=lambda: [first, second], search_alg=SimpleNamespace(is_finished=lambda: False)
+    )
+    assert asha.choose_trial_to_run(tune) is None  # first is not in its rung's top half
+    assert asha.running == {} and asha.may_start_new_trial()
 
 
 @pytest.mark.parametrize("how", ["paused", "running"])

@@ -173,9 +173,10 @@ class PromotingAsha(TrialScheduler):
 
     def choose_trial_to_run(self, tune_controller) -> Trial | None:
         """A paused trial to resume into a free slot, if one has a claim to it."""
+        trials = {trial.trial_id: trial for trial in tune_controller.get_trials()}
+        self._release_ended(trials)
         if self._free_slots() <= 0:
             return None
-        trials = {trial.trial_id: trial for trial in tune_controller.get_trials()}
         if self.queued:
             trial_id, target = next(iter(self.queued.items()))
             del self.queued[trial_id]
@@ -258,6 +259,15 @@ class PromotingAsha(TrialScheduler):
         for trial_id in list(waiting):
             tune_controller.stop_trial(trials[trial_id])
         return None
+
+    def _release_ended(self, trials: dict[str, Trial]) -> None:
+        """Free the slots of trials Tune ended without a call here (it makes none when a
+        trial's start on a reused actor fails): each would hold its slot, and the sweep
+        would wait for good."""
+        for trial_id in list(self.running):
+            trial = trials.get(trial_id)
+            if trial is None or trial.status in (Trial.TERMINATED, Trial.ERROR):
+                del self.running[trial_id]
 
     def _forget(self, trial_id: str) -> None:
         for table in (self.running, self.paused, self.queued):

@@ -202,7 +202,13 @@ _FINISHED = ("TERMINATED", "ERROR")
 
 def build_tuner(job, dimensions, trainable, setup: SweepSetup, storage, callbacks) -> tune.Tuner:
     """The Tuner for a new sweep: search space, search algorithm, scheduler, and its storage
-    (`ray_storage` of the sweep's location)."""
+    (`ray_storage` of the sweep's location).
+
+    A trial's actor is reused for the next trial only under FIFO, where every trial ends by
+    itself. A trial that ASHA or PBT stops or pauses is still inside `run_trial`, its Train
+    run going on: a cached actor would keep training it in the background until reused, and
+    the reuse fails if its thread takes over 2 s to end, which Tune tells no scheduler. Its
+    actor ends instead, and its Train run with it (Ray ends the actors a process owns)."""
     sweep = job.sweep
     path, filesystem = storage
     return tune.Tuner(
@@ -213,7 +219,7 @@ def build_tuner(job, dimensions, trainable, setup: SweepSetup, storage, callback
             mode=sweep.mode,
             num_samples=sweep.num_samples,
             **search_and_scheduler(job, dimensions, setup.concurrent_trials),
-            reuse_actors=True,
+            reuse_actors=sweep.scheduler == "fifo",
         ),
         run_config=tune.RunConfig(
             name=path.rsplit("/", 1)[1],
