@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
+from shipyard.train.entry import hidden_module
 from shipyard.train.trainer import _with_launch_time
 from shipyard.train.worker import StartClock
 
@@ -24,3 +28,26 @@ def test_the_first_row_breaks_the_start_down_from_the_runs_call():
 def test_later_rows_pass_unchanged():
     row = {"step": 8, "loss": 1.5}
     assert _with_launch_time(row, began=95.0) is row
+
+
+def test_a_rank_imports_its_training_loop_without_mlflow():
+    """DeepSpeed's autotuner would import MLflow (about 1 s of a core per rank per run); the
+    rank's entry hides it while the loop and DeepSpeed import, and only then."""
+    script = (
+        "import sys\n"
+        "from shipyard.train.entry import hidden_module\n"
+        "with hidden_module('mlflow'):\n"
+        "    import shipyard.train.worker\n"
+        "assert 'deepspeed' in sys.modules and 'mlflow' not in sys.modules\n"
+        "import importlib.util\n"
+        "assert importlib.util.find_spec('mlflow')\n"  # the block is over: it can import again
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+
+
+def test_a_module_already_imported_is_not_hidden():
+    import json
+
+    with hidden_module("json"):
+        import json as again
+    assert again is json

@@ -8,6 +8,9 @@ start); each rank imports the loop itself when it starts.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ray.train import UserCallback
@@ -17,9 +20,28 @@ from shipyard.storage import from_ray_storage
 
 def train_loop(config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker; `config` is plain data from the driver."""
-    from shipyard.train.worker import run_rank
+    with hidden_module("mlflow"):
+        from shipyard.train.worker import run_rank
 
     run_rank(config)
+
+
+@contextmanager
+def hidden_module(name: str) -> Iterator[None]:
+    """Imports of `name` fail (ImportError) inside the block, unless it is already imported.
+
+    DeepSpeed's autotuner imports MLflow when it is installed, to log autotuning runs, which
+    Shipyard never starts: about 1 s of a core in every rank of every run. Ranks record
+    nothing to MLflow themselves (the driver does), so they import DeepSpeed without it."""
+    if name in sys.modules:
+        yield
+        return
+    sys.modules[name] = None  # Python's documented way to make an import raise ImportError
+    try:
+        yield
+    finally:
+        if sys.modules.get(name, False) is None:
+            del sys.modules[name]
 
 
 class ForwardMetrics(UserCallback):
