@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 import ray.train
@@ -34,7 +34,9 @@ from shipyard.tracking.record import RunContext, RunTracking, job_params
 from shipyard.tracking.setup import TrackingPlaces, open_tracking, submission_tags
 from shipyard.train.checkpoint import SavedCheckpoint, latest_checkpoint, resume_changes
 from shipyard.train.entry import ForwardMetrics, train_loop
-from shipyard.train.worker import Fault
+
+if TYPE_CHECKING:  # the ranks' module: it imports DeepSpeed, which the driver never needs
+    from shipyard.train.worker import Fault
 
 Metrics = dict[str, Any]
 METRICS_FILE = "metrics.jsonl"  # every reported row of every invocation, in order
