@@ -124,7 +124,7 @@ class PromotingAsha(TrialScheduler):
 
     def on_trial_add(self, tune_controller, trial: Trial) -> None:
         trial_id = trial.trial_id
-        if trial.status in (Trial.TERMINATED, Trial.ERROR):  # a resumed sweep's finished ones
+        if trial.is_finished():  # a resumed sweep's finished ones (or errored)
             self._forget(trial_id)
             return
         if trial_id in self.paused:  # a resumed sweep: it keeps waiting at its rung
@@ -266,7 +266,7 @@ class PromotingAsha(TrialScheduler):
         would wait for good."""
         for trial_id in list(self.running):
             trial = trials.get(trial_id)
-            if trial is None or trial.status in (Trial.TERMINATED, Trial.ERROR):
+            if trial is None or trial.is_finished():
                 del self.running[trial_id]
 
     def _forget(self, trial_id: str) -> None:

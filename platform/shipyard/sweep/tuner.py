@@ -194,10 +194,7 @@ def unfinished_trials(storage: tuple[str, Any]) -> list[str]:
     finished (an interrupted sweep has some)."""
     path, filesystem = storage
     analysis = tune.ExperimentAnalysis(path, storage_filesystem=filesystem)
-    return [trial.trial_id for trial in analysis.trials if trial.status not in _FINISHED]
-
-
-_FINISHED = ("TERMINATED", "ERROR")
+    return [trial.trial_id for trial in analysis.trials if not trial.is_finished()]
 
 
 def build_tuner(job, dimensions, trainable, setup: SweepSetup, storage, callbacks) -> tune.Tuner:
