@@ -194,6 +194,7 @@ def test_pbt_continues_a_weak_trial_from_a_strong_ones_checkpoint(ray_session, t
         max_steps=12,  # one perturbation, then 4 steps of the exploited checkpoint
         eval_every=4,
         checkpoint_every=4,
+        keep_checkpoints=1,  # Tune copies each before Train's own pruning may remove it
     )
     address = ray_session.get_runtime_context().gcs_address
     alive_before = {a.actor_id for a in list_actors(address=address) if a.state == "ALIVE"}

@@ -14,6 +14,7 @@ from shipyard.spec.job import JobSpec
 from shipyard.spec.load import load_job
 from shipyard.sweep.report import TrialTable
 from shipyard.sweep.search_space import check_sweep
+from shipyard.sweep.trial import trial_job
 from shipyard.sweep.tuner import SWEEP_JOB_FILE, check_same_sweep, concurrent_trials
 
 LR_SPACE = {"train.lr": {"loguniform": [1.0e-4, 3.0e-3]}}
@@ -259,3 +260,15 @@ def test_a_searched_model_value_is_checked_as_the_model_would_be(write, space, s
     document = swept({"space": space, "scheduler": scheduler})
     with pytest.raises(SpecError, match=re.escape(message)):
         load_job(write({**document, "model": LLAMA}))
+
+
+def test_a_trials_train_run_keeps_every_checkpoint_it_makes():
+    """Tune copies a trial's checkpoints one report at a time, behind the ranks: Ray Train's own
+    pruning must never remove one first, whatever the job keeps (Tune keeps that many)."""
+    base = JobSpec.model_validate(
+        swept({}, max_steps=45, eval_every=3, checkpoint_every=3, keep_checkpoints=1)
+    )
+    job = trial_job(base, {"train.lr": 1e-3}, "t1-abc", "/tmp/runs")
+    saved_at = {step for step in range(1, 46) if step % 3 == 0 or step == 45}
+    assert job.train.keep_checkpoints >= len(saved_at)
+    assert (job.name, job.storage, job.sweep, job.train.lr) == ("t1-abc", "/tmp/runs", None, 1e-3)

@@ -21,9 +21,22 @@ TRIAL_CPUS = 0.01  # the trial's own actor only forwards reports; its Train work
 
 
 def trial_job(base: JobSpec, values: dict[str, Any], run_name: str, storage: str) -> JobSpec:
-    """`base` with one trial's values, as a plain training job named `run_name`."""
+    """`base` with one trial's values, as a plain training job named `run_name`.
+
+    Its Train run keeps every checkpoint: the trial's thread hands each to Tune one report at
+    a time, and may lag behind the ranks, so a checkpoint Ray Train pruned by its own count
+    could be gone before Tune copies it. `run_trial` removes each once Tune has its copy."""
     job = apply_overrides(base, values, source=f"sweep trial {run_name}")
-    return job.model_copy(update={"name": run_name, "storage": storage, "sweep": None})
+    train = job.train
+    every_checkpoint = train.max_steps // train.checkpoint_every + 1  # + the last step's
+    return job.model_copy(
+        update={
+            "name": run_name,
+            "storage": storage,
+            "sweep": None,
+            "train": train.model_copy(update={"keep_checkpoints": every_checkpoint}),
+        }
+    )
 
 
 def corpus_key(job: JobSpec) -> str:
@@ -71,6 +84,7 @@ def run_trial(
         return
 
     held: dict[str, Any] = {}  # a run's start breakdown, until a row Tune takes
+    copied: list[str] = []  # the scratch checkpoint Tune copied last
 
     def forward(row: dict[str, Any]) -> None:
         checkpoint = row.pop("checkpoint", None)
@@ -82,6 +96,10 @@ def run_trial(
             checkpoint=_ray_checkpoint(checkpoint, runs_filesystem) if checkpoint else None,
         )
         held.clear()
+        if checkpoint:  # Tune has its copy; the newest stays for Train's failure restarts
+            for older in copied:
+                remove_folder(older)
+            copied[:] = [checkpoint]
 
     try:
         run_training(
