@@ -212,3 +212,94 @@ def test_a_cancelled_stream_closes_its_generator_at_once(spec_version):
         assert not asyncio.run(cancelled_mid_stream(StreamingResponse)), "Starlette's does not"
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("spec_version", ["2.4", "2.3"])
+def test_a_stream_fed_every_decode_step_stops_as_soon_as_it_is_cancelled(spec_version):
+    """A streamed answer gets a token every decode step. Cancelled (Serve's word that the
+    client left), it must stop at once, not when the answer is complete; Starlette's own
+    response, streaming in an anyio child task, is not cancelled while it is always about to
+    wake, and (for ASGI 2.3, as Serve speaks) runs to the end."""
+    import asyncio
+    import contextlib
+
+    from fastapi.responses import StreamingResponse
+
+    from shipyard.serve.app import ClosingStreamingResponse
+
+    steps = 3000
+
+    async def tokens_after_cancel(response_class) -> int:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        produced = 0
+
+        async def decode() -> None:
+            nonlocal produced
+            for produced in range(1, steps + 1):
+                queue.put_nowait(produced)
+                await asyncio.sleep(0)  # the next decode step
+
+        async def events():
+            while (token := await queue.get()) < steps:
+                yield f"data: {token}\n\n"
+
+        started = asyncio.Event()
+
+        async def send(message):  # Serve's send queues the message and returns
+            started.set()
+
+        async def receive():
+            await asyncio.Event().wait()  # no disconnect message: Serve cancels instead
+
+        scope = {"type": "http", "asgi": {"spec_version": spec_version}}
+        decoder = asyncio.create_task(decode())
+        task = asyncio.create_task(response_class(events())(scope, receive, send))
+        await started.wait()
+        cancelled_at = produced
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        stopped_at = produced
+        decoder.cancel()
+        return stopped_at - cancelled_at
+
+    assert asyncio.run(tokens_after_cancel(ClosingStreamingResponse)) <= 2
+    if spec_version == "2.3":
+        assert asyncio.run(tokens_after_cancel(StreamingResponse)) > steps // 2, "Starlette's"
+
+
+def test_a_client_that_hangs_up_ends_the_stream_and_closes_its_generator():
+    """A server that reports the hang-up as `http.disconnect` ends the response there, without
+    an error (the client is gone), and the generator's `finally` runs."""
+    import asyncio
+
+    from shipyard.serve.app import ClosingStreamingResponse
+
+    async def run() -> tuple[int, bool]:
+        closed = asyncio.Event()
+        leave = asyncio.Event()
+        sent = 0
+
+        async def events():
+            try:
+                for number in range(10_000):
+                    yield f"data: {number}\n\n"
+                    await asyncio.sleep(0)
+            finally:
+                closed.set()
+
+        async def send(message):
+            nonlocal sent
+            sent += 1
+            if sent == 3:
+                leave.set()
+
+        async def receive():
+            await leave.wait()
+            return {"type": "http.disconnect"}
+
+        await ClosingStreamingResponse(events())({"type": "http"}, receive, send)
+        return sent, closed.is_set()
+
+    sent, closed = asyncio.run(run())
+    assert closed and 3 <= sent < 10, sent
