@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from shipyard.data.corpus import Corpus
@@ -85,6 +86,9 @@ def run_trial(
 
     held: dict[str, Any] = {}  # a run's start breakdown, until a row Tune takes
     copied: list[str] = []  # the scratch checkpoint Tune copied last
+    # Scratch checkpoints Tune has copied are deleted off the report path: a report that waits
+    # on storage delays the scheduler's decisions while the ranks train on.
+    pruner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shipyard-prune")
 
     def forward(row: dict[str, Any]) -> None:
         checkpoint = row.pop("checkpoint", None)
@@ -98,7 +102,7 @@ def run_trial(
         held.clear()
         if checkpoint:  # Tune has its copy; the newest stays for Train's failure restarts
             for older in copied:
-                remove_folder(older)
+                pruner.submit(remove_folder, older)
             copied[:] = [checkpoint]
 
     try:
@@ -111,6 +115,7 @@ def run_trial(
         )
     finally:
         # Tune keeps its own copy of every reported checkpoint; the run's folder is scratch.
+        pruner.shutdown(wait=True, cancel_futures=True)
         remove_folder(f"{runs}/{run_name}")
 
 
