@@ -85,12 +85,13 @@ def run_trial(
         return
 
     held: dict[str, Any] = {}  # a run's start breakdown, until a row Tune takes
-    copied: list[str] = []  # the scratch checkpoint Tune copied last
+    newest_copied: str | None = None  # Tune has its copy; kept for Train's failure restarts
     # Scratch checkpoints Tune has copied are deleted off the report path: a report that waits
     # on storage delays the scheduler's decisions while the ranks train on.
     pruner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shipyard-prune")
 
     def forward(row: dict[str, Any]) -> None:
+        nonlocal newest_copied
         checkpoint = row.pop("checkpoint", None)
         if metric not in row:  # Tune wants its metric in every result
             held.update((key, value) for key, value in row.items() if key.startswith("start_"))
@@ -100,10 +101,10 @@ def run_trial(
             checkpoint=_ray_checkpoint(checkpoint, runs_filesystem) if checkpoint else None,
         )
         held.clear()
-        if checkpoint:  # Tune has its copy; the newest stays for Train's failure restarts
-            for older in copied:
-                pruner.submit(remove_folder, older)
-            copied[:] = [checkpoint]
+        if checkpoint:  # Tune has its copy: the one before is no longer needed
+            if newest_copied:
+                pruner.submit(remove_folder, newest_copied)
+            newest_copied = checkpoint
 
     try:
         run_training(
