@@ -41,9 +41,9 @@ def main() -> None:
     size = corpus.stat().st_size / 1e6
     print(f"corpus: {size:.0f} MB of JSONL, BPE of {VOCABULARY} tokens")
 
-    # Twice each, interleaved: this machine's neighbours move either side by a fifth.
+    # Three times each, interleaved: this machine's neighbours move either side by a fifth.
     shipyard_runs, datasets_runs = [], []
-    for attempt in range(2):
+    for attempt in range(3):
         with ray_runtime():
             shipyard_runs.append(
                 shipyard_pipeline(corpus, tokenizer_folder, folder / f"runs-{attempt}")

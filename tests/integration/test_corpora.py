@@ -210,6 +210,11 @@ def test_a_workers_memory_does_not_grow_with_the_corpus(ray_session, runs_dir, t
             "fieldless.jsonl:line 2: the record has no field 'text'",
         ),
         ("latin1.txt", "caf\xe9 au lait".encode("latin-1"), "latin1.txt is not UTF-8 (byte 3"),
+        (
+            "latin1.jsonl",
+            '{"text": "caf\xe9"}\n'.encode("latin-1"),
+            "latin1.jsonl is not UTF-8 (a line after byte 0",
+        ),
     ],
 )
 def test_a_broken_file_is_named_with_its_line_and_nothing_is_written(

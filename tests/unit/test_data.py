@@ -178,3 +178,33 @@ def test_a_model_vocabulary_smaller_than_the_tokenizer_is_refused(write_job, tmp
         load_job(trained)
     with pytest.raises(SpecError, match="tokenizer: 'bpe' is not allowed; bytes"):
         load_job(write_job({"name": "t", "tokenizer": "bpe"}, "c.yaml"))
+
+
+@pytest.mark.parametrize("piece_bytes", [1, 3, 7, 64, 100_000])
+@pytest.mark.parametrize("ending", ["\n", ""])
+def test_jsonl_pieces_give_every_line_once_in_order(tmp_path, monkeypatch, piece_bytes, ending):
+    from pyarrow.fs import LocalFileSystem
+
+    from shipyard.data import jsonl
+
+    monkeypatch.setattr(jsonl, "READ_AHEAD", 5)  # lines that cross a piece's end take reads
+    lines = ['{"text": "a"}', "", '{"text": "' + "long " * 40 + '"}', "  ", '{"text": "\u2028"}']
+    lines += [json.dumps({"text": f"line {i}"}) for i in range(30)]
+    path = tmp_path / "lines.jsonl"
+    path.write_text("\n".join(lines) + ending, encoding="utf-8")
+    size = path.stat().st_size
+    read = []
+    with LocalFileSystem().open_input_file(str(path)) as file:
+        for start, end in jsonl.pieces(size, piece_bytes):
+            read += jsonl.lines_in(file, size, start, end)
+    assert [line.decode() for line in read] == [line for line in lines if line.strip()]
+
+
+def test_a_jsonl_piece_that_is_not_utf8_names_its_file(tmp_path):
+    from shipyard.data.jsonl import JsonLinesDatasource
+
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"text": "fine"}\n{"text": "caf\xe9"}\n'.encode("latin-1"))
+    (task,) = JsonLinesDatasource([str(path)], [path.stat().st_size]).get_read_tasks(1)
+    with pytest.raises(SpecError, match=r"latin1.jsonl is not UTF-8 \(a line after byte 0"):
+        list(task())

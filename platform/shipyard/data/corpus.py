@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from shipyard.data.sources import Sources, arrow_location, find_sources
+from shipyard.data.sources import CorpusError, Sources, arrow_location, find_sources
 from shipyard.data.tokenizer import BYTES, Tokenizer, from_folder, train_bpe
 from shipyard.errors import ShipyardError, SpecError
 from shipyard.runtime.local import stop_ray_data_actors
@@ -38,11 +38,7 @@ MANIFEST = "corpus.json"
 SPLITS = ("train", "validation")
 FORMAT_VERSION = 1  # part of every key: a new packing format never reads an old cache
 HASH_BUCKETS = 10_000
-PACK_BATCH = 128  # documents per packing task
-
-
-class CorpusError(SpecError):
-    """A corpus file that cannot be read as its format says (names the file, line or row)."""
+PACK_BATCH = 128  # documents per packing task (a JSONL piece is packed whole: see _documents)
 
 
 @dataclass(frozen=True)
@@ -192,9 +188,9 @@ def _prepare(data: DataSpec, sources: Sources, tokenizer: Tokenizer, store, key:
     }
     packed = [
         documents.map_batches(
-            pack_documents, fn_kwargs=options, batch_format="numpy", batch_size=PACK_BATCH
+            pack_documents, fn_kwargs=options, batch_format="numpy", batch_size=batch_size
         )
-        for documents in _documents(data, sources)
+        for documents, batch_size in _documents(data, sources)
     ]
     staging = Path(tempfile.mkdtemp(prefix="shipyard-corpus-"))
     tokens, documents = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
@@ -300,12 +296,16 @@ def _in_order(datasets) -> Any:
         yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
 
 
-def _documents(data: DataSpec, sources: Sources) -> list:
+def _documents(data: DataSpec, sources: Sources) -> list[tuple[Any, int | None]]:
     """A dataset of documents per format, rows {"document": str or a text file's bytes, "path":
-    str}; the formats come in a fixed order, and each keeps its files' order."""
+    str}, with the documents per packing task it takes; the formats come in a fixed order, and
+    each keeps its files' order."""
     import ray.data
 
+    from shipyard.data.jsonl import JsonLinesDatasource
+
     datasets, cpus = [], _cpus()
+    sizes_by_uri = {file.uri: file.size for file in sources.files}
     for kind, uris in sources.by_format().items():
         paths, filesystem = arrow_location(uris)
         # A read streams its blocks out as the tokenizing tasks take them, holding its slot
@@ -318,16 +318,21 @@ def _documents(data: DataSpec, sources: Sources) -> list:
         }
         if kind == "text":
             read = ray.data.read_binary_files(paths, **reading)
-            datasets.append(read.map_batches(_text_documents, batch_format="numpy"))
+            datasets.append((read.map_batches(_text_documents, batch_format="numpy"), PACK_BATCH))
         elif kind == "jsonl":
-            # Lines parsed here: Ray's JSON reader goes through pandas and is 3x slower.
-            read = ray.data.read_text(paths, drop_empty_lines=True, **reading)
+            # Lines parsed here: Ray's JSON reader goes through pandas and is 3x slower, and
+            # its text reader reads a whole file in one task (see jsonl.py).
+            sizes = [sizes_by_uri[uri] for uri in uris]
+            source = JsonLinesDatasource(paths, sizes, filesystem)
+            # As many blocks as pieces: a read split further is not fused with the packing.
+            read = ray.data.read_datasource(source, override_num_blocks=source.piece_count)
             field = data.tokens_field or data.text_field
             name = "data.tokens_field" if data.tokens_field else "data.text_field"
             kwargs = {"field": field, "name": name}
-            datasets.append(
-                read.map_batches(_json_documents, fn_kwargs=kwargs, batch_format="numpy")
-            )
+            # Packed a piece per task, in the task that read it: a batch size would keep
+            # Ray Data from fusing the read with the packing (and ship every line between them).
+            parsed = read.map_batches(_json_documents, fn_kwargs=kwargs, batch_format="numpy")
+            datasets.append((parsed, None))
         else:
             column = data.tokens_field or data.text_column
             read = ray.data.read_parquet(paths, columns=[column], **reading)
@@ -335,10 +340,9 @@ def _documents(data: DataSpec, sources: Sources) -> list:
                 "field": column,
                 "name": "data.tokens_field" if data.tokens_field else "data.text_column",
             }
-            datasets.append(
-                read.map_batches(_field_documents, fn_kwargs=kwargs, batch_format="numpy")
-            )
-    for dataset in datasets:  # the same files give the same token files, byte for byte
+            parsed = read.map_batches(_field_documents, fn_kwargs=kwargs, batch_format="numpy")
+            datasets.append((parsed, PACK_BATCH))
+    for dataset, _ in datasets:  # the same files give the same token files, byte for byte
         dataset.context.execution_options.preserve_order = True
     return datasets
 
@@ -391,7 +395,7 @@ def _field_documents(batch: dict[str, Any], field: str, name: str) -> dict[str, 
 
 def _training_texts(data: DataSpec, sources: Sources):
     """The training split's documents as text, streamed to the driver (to train a tokenizer)."""
-    for batch in _in_order(_documents(data, sources)):
+    for batch in _in_order([dataset for dataset, _ in _documents(data, sources)]):
         for document, path in zip(batch["document"], batch["path"], strict=True):
             text = document if isinstance(document, str) else None
             content = text.encode("utf-8") if text is not None else bytes(document)

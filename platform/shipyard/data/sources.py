@@ -16,6 +16,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+from shipyard.errors import SpecError
 from shipyard.spec.data import PYTHON_STDLIB, DataSpec
 from shipyard.storage import is_remote, open_store
 
@@ -28,6 +29,10 @@ FORMATS = {
     ".json": "jsonl",
     ".parquet": "parquet",
 }
+
+
+class CorpusError(SpecError):
+    """A corpus file that cannot be read as its format says (names the file, line or row)."""
 
 
 @dataclass(frozen=True)
