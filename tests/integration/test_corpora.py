@@ -17,6 +17,7 @@ import pytest
 from tokenizers import Tokenizer as LibraryTokenizer
 from transformers import AutoTokenizer
 
+from shipyard.data import jsonl
 from shipyard.data.batches import TokenStream
 from shipyard.data.corpus import CORPORA, local_corpus, prepare_corpus
 from shipyard.errors import SpecError
@@ -126,6 +127,23 @@ def test_parquet_and_text_folders_train(ray_session, runs_dir, corpora, kind, da
     job = corpus_job(f"corpus-{kind}", runs_dir, {"source": str(corpora[kind]), **data})
     result = run_training(job)
     assert losses(result)[-1] < losses(result)[0] - 0.5, losses(result)
+
+
+def test_jsonl_read_in_many_pieces_packs_what_parquet_of_the_same_documents_packs(
+    ray_session, tmp_path, corpora, monkeypatch
+):
+    monkeypatch.setattr(jsonl, "PIECE_BYTES", 4096)  # ~75 pieces, most cutting a line
+    prepared = {
+        kind: prepare_corpus(corpus_job(f"pieces-{kind}", tmp_path / kind, data))
+        for kind, data in (
+            ("jsonl", {"source": str(corpora["jsonl"]), "text_field": "content"}),
+            ("parquet", {"source": str(corpora["parquet"]), "text_column": "body"}),
+        )
+    }
+    assert prepared["jsonl"].documents == prepared["parquet"].documents
+    for split in ("train", "validation"):
+        files = [Path(corpus.location) / f"{split}.bin" for corpus in prepared.values()]
+        assert files[0].read_bytes() == files[1].read_bytes(), split
 
 
 def test_a_bpe_trained_on_the_corpus_round_trips_and_is_exported(jsonl_run, runs_dir):

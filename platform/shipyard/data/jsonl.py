@@ -38,7 +38,7 @@ class JsonLinesDatasource(Datasource):
 
     @property
     def piece_count(self) -> int:
-        return sum(len(pieces(size)) for _, size in self._files)
+        return sum(len(pieces(size, PIECE_BYTES)) for _, size in self._files)
 
     def estimate_inmemory_data_size(self) -> int:
         return sum(size for _, size in self._files)
@@ -49,7 +49,7 @@ class JsonLinesDatasource(Datasource):
         # Pieces by size, not by `parallelism`: a task's memory stays the same at any scale.
         tasks = []
         for path, size in self._files:
-            for start, end in pieces(size):
+            for start, end in pieces(size, PIECE_BYTES):
                 metadata = BlockMetadata(
                     num_rows=None, size_bytes=end - start, input_files=[path], exec_stats=None
                 )
@@ -58,7 +58,7 @@ class JsonLinesDatasource(Datasource):
         return tasks
 
 
-def pieces(size: int, piece_bytes: int = PIECE_BYTES) -> list[tuple[int, int]]:
+def pieces(size: int, piece_bytes: int) -> list[tuple[int, int]]:
     """[start, end) byte ranges covering a file of `size` bytes."""
     return [(start, min(start + piece_bytes, size)) for start in range(0, size, piece_bytes)]
 
