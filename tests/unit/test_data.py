@@ -208,3 +208,25 @@ def test_a_jsonl_piece_that_is_not_utf8_names_its_file(tmp_path):
     (task,) = JsonLinesDatasource([str(path)], [path.stat().st_size]).get_read_tasks(1)
     with pytest.raises(SpecError, match=r"latin1.jsonl is not UTF-8 \(a line after byte 0"):
         list(task())
+
+
+def test_small_jsonl_files_share_a_read_task_and_keep_their_order(tmp_path, monkeypatch):
+    from shipyard.data import jsonl
+
+    monkeypatch.setattr(jsonl, "PIECE_BYTES", 64)
+    files, expected = [], []
+    for index, count in enumerate([2, 1, 9, 1, 1]):  # one file of several pieces among small ones
+        path = tmp_path / f"{index}.jsonl"
+        lines = [json.dumps({"text": f"{index}-{i}"}) for i in range(count)]
+        path.write_text("\n".join(lines) + "\n")
+        files.append(path)
+        expected += [(line, str(path)) for line in lines]
+    source = jsonl.JsonLinesDatasource([str(f) for f in files], [f.stat().st_size for f in files])
+    tasks = source.get_read_tasks(1)
+    assert (
+        len(tasks)
+        == source.task_count
+        < sum(len(jsonl.pieces(f.stat().st_size, 64)) for f in files)
+    )
+    rows = [row for task in tasks for table in task() for row in table.to_pylist()]
+    assert [(row["text"], row["path"]) for row in rows] == expected

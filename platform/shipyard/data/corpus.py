@@ -324,8 +324,8 @@ def _documents(data: DataSpec, sources: Sources) -> list[tuple[Any, int | None]]
             # its text reader reads a whole file in one task (see jsonl.py).
             sizes = [sizes_by_uri[uri] for uri in uris]
             source = JsonLinesDatasource(paths, sizes, filesystem)
-            # As many blocks as pieces: a read split further is not fused with the packing.
-            read = ray.data.read_datasource(source, override_num_blocks=source.piece_count)
+            # A block per task: a read split further is not fused with the packing.
+            read = ray.data.read_datasource(source, override_num_blocks=source.task_count)
             field = data.tokens_field or data.text_field
             name = "data.tokens_field" if data.tokens_field else "data.text_field"
             kwargs = {"field": field, "name": name}

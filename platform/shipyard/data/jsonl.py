@@ -2,11 +2,11 @@
 
 Ray Data's `read_text` reads a whole file in one task before it gives its first line, so one
 large JSONL file is read by one worker, which must hold all of it, while the tokenizing tasks
-wait. Here every file is cut into pieces of about `PIECE_BYTES`, each read by a task of its
-own: a piece owns the lines that start inside it (its last one may run past its end), so
-every line is read exactly once, and the pieces in order give the file's lines in order. A
-worker holds one piece at a time however large the file, and tokenizing starts as soon as
-the first piece is read.
+wait. Here every file is cut into pieces of about `PIECE_BYTES`, and each task reads one piece
+(or a run of small files, up to a piece's size). A piece owns the lines that start inside it
+(its last one may run past its end), so every line is read exactly once, and the pieces in
+order give the file's lines in order. A worker holds about one piece at a time however large
+the file, and tokenizing starts as soon as the first piece is read.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ READ_AHEAD = 1 << 16  # bytes fetched at a time to finish the line that crosses 
 
 
 class JsonLinesDatasource(Datasource):
-    """Rows {"text": a line, "path": its file}: every file's lines in order, one read task per
-    piece of a file. `filesystem` is pyarrow's (S3 with Shipyard's endpoint and keys), or None
-    for local paths."""
+    """Rows {"text": a line, "path": its file}: every file's lines in order, a read task per
+    piece of a large file or per run of small files. `filesystem` is pyarrow's (S3 with
+    Shipyard's endpoint and keys), or None for local paths."""
 
     def __init__(self, paths: list[str], sizes: list[int], filesystem: Any = None):
         self._files = list(zip(paths, sizes, strict=True))
@@ -37,8 +37,8 @@ class JsonLinesDatasource(Datasource):
         return "JsonLines"
 
     @property
-    def piece_count(self) -> int:
-        return sum(len(pieces(size, PIECE_BYTES)) for _, size in self._files)
+    def task_count(self) -> int:
+        return len(self._tasks())
 
     def estimate_inmemory_data_size(self) -> int:
         return sum(size for _, size in self._files)
@@ -48,14 +48,29 @@ class JsonLinesDatasource(Datasource):
     ) -> list[ReadTask]:
         # Pieces by size, not by `parallelism`: a task's memory stays the same at any scale.
         tasks = []
+        for ranges in self._tasks():
+            metadata = BlockMetadata(
+                num_rows=None,
+                size_bytes=sum(end - start for _, _, start, end in ranges),
+                input_files=sorted({path for path, *_ in ranges}),
+                exec_stats=None,
+            )
+            read = _ranges_reader(ranges, self._filesystem)
+            tasks.append(ReadTask(read, metadata, per_task_row_limit=per_task_row_limit))
+        return tasks
+
+    def _tasks(self) -> list[list[tuple[str, int, int, int]]]:
+        """(path, size, start, end) ranges per task, in order: pieces of about PIECE_BYTES,
+        small files together (a task each would cost more to schedule than to read)."""
+        tasks, current, taken = [], [], 0
         for path, size in self._files:
             for start, end in pieces(size, PIECE_BYTES):
-                metadata = BlockMetadata(
-                    num_rows=None, size_bytes=end - start, input_files=[path], exec_stats=None
-                )
-                read = _piece_reader(path, size, start, end, self._filesystem)
-                tasks.append(ReadTask(read, metadata, per_task_row_limit=per_task_row_limit))
-        return tasks
+                current.append((path, size, start, end))
+                taken += end - start
+                if taken >= PIECE_BYTES:
+                    tasks.append(current)
+                    current, taken = [], 0
+        return [*tasks, current] if current else tasks
 
 
 def pieces(size: int, piece_bytes: int) -> list[tuple[int, int]]:
@@ -92,12 +107,15 @@ def _rest_of_line(file: Any, size: int, position: int) -> bytes:
     return bytes(rest)
 
 
-def _piece_reader(path: str, size: int, start: int, end: int, filesystem: Any):
+def _ranges_reader(ranges: list[tuple[str, int, int, int]], filesystem: Any):
     def read() -> list[pa.Table]:
-        with (filesystem or LocalFileSystem()).open_input_file(path) as file:
-            lines = lines_in(file, size, start, end)
-        texts = [_utf8_line(line, path, start) for line in lines]
-        return [pa.table({"text": pa.array(texts, pa.large_string()), "path": [path] * len(texts)})]
+        texts, paths = [], []
+        for path, size, start, end in ranges:
+            with (filesystem or LocalFileSystem()).open_input_file(path) as file:
+                lines = lines_in(file, size, start, end)
+            texts += [_utf8_line(line, path, start) for line in lines]
+            paths += [path] * len(lines)
+        return [pa.table({"text": pa.array(texts, pa.large_string()), "path": paths})]
 
     return read
 
