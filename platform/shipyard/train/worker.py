@@ -1,4 +1,4 @@
-"""The loop every Ray Train worker runs: build the DeepSpeed engine, restore, train, report.
+"""The loop every rank runs: build the DeepSpeed engine, restore, train, report.
 
 Read top-down: setup, restore, then one optimizer step after another. A step is
 `gradient_accumulation` micro-batches; the data stream and the LR schedule are functions of the
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import psutil
-import ray.train
+import ray
 import torch
 import torch.distributed as dist
 
@@ -47,6 +47,7 @@ from shipyard.train.engine import (
     build_engine,
     tensor_parallel_group,
 )
+from shipyard.train.session import RankSession, RayTrainSession
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,11 @@ class Fault:
     marker: str  # a file that records the fault happened, so the restarted run is spared
 
 
-def run_rank(config: dict[str, Any]) -> None:
-    """Train as one rank (`shipyard.train.entry.train_loop`); `config` is plain data from the
-    driver."""
+def run_rank(config: dict[str, Any], session: RankSession | None = None) -> None:
+    """Train as one rank of a Ray Train run (`shipyard.train.entry.train_loop`), or of
+    `session`'s; `config` is plain data from the driver."""
     entered = time.time()
+    session = session or RayTrainSession()
     job = JobSpec.model_validate(config["job"])
     plan = ParallelPlan.from_dict(config["plan"])
     fault = Fault(**config["fault"]) if config.get("fault") else None
@@ -73,13 +75,17 @@ def run_rank(config: dict[str, Any]) -> None:
         job,
         plan,
         Corpus.from_dict(config["corpus"]),
+        session=session,
         corpus_filesystem=config.get("corpus_filesystem"),
         stop_at_step=config.get("stop_at_step"),
         fault=fault,
         start_checkpoint=config.get("start_checkpoint"),
     )
-    clock = StartClock(psutil.Process().create_time(), entered, ready=time.time())
-    worker.run(clock)
+    clock = StartClock(session.created_at() or entered, entered, ready=time.time())
+    try:
+        worker.run(clock)
+    finally:
+        worker.close()
 
 
 @dataclass(frozen=True)
@@ -110,18 +116,20 @@ class Worker:
         corpus: Corpus,
         stop_at_step: int | None,
         fault: Fault | None,
-        start_checkpoint: ray.train.Checkpoint | None = None,
+        start_checkpoint: Any = None,  # a ray.train.Checkpoint
         corpus_filesystem: Any = None,
+        session: RankSession | None = None,
     ):
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.job, self.plan, self.fault = job, plan, fault
+        self.session = session or RayTrainSession()
         self.train = job.train
         self.final_step = min(job.train.max_steps, stop_at_step or job.train.max_steps)
         self.tokens_per_step = plan.global_batch_size * job.model.sequence_length
-        self.rank = ray.train.get_context().get_world_rank()
-        self.device = _device(plan)
+        self.rank = self.session.world_rank()
+        self.device = self.session.device(plan)
         self.pipelined = plan.pipeline_stages > 1
         deepspeed.init_distributed(dist_backend=plan.backend)
         self.tp = tensor_parallel_group(plan)  # collective: before anything else uses groups
@@ -156,7 +164,8 @@ class Worker:
         """Train until the final step, reporting metrics and checkpoints on the job's cadence.
         The first report says how long this run took to start (`clock`)."""
         if self.step >= self.final_step:
-            ray.train.report({"step": self.step, "already_complete": True, **self._evaluate()})
+            metrics = {"step": self.step, "already_complete": True, **self._evaluate()}
+            self.session.report(metrics, None)
             return
         resumed_from = self.step
         batches = self._micro_batches()
@@ -191,7 +200,8 @@ class Worker:
                     metrics.update(clock.breakdown(first_step_done))
             if self.step % self.train.eval_every == 0 or self.step == self.final_step:
                 metrics.update(self._evaluate())
-            self._report(metrics)
+            if not self._report(metrics):
+                return  # the run's owner is gone (a sweep trial stopped): leave with the rest
             reported = True
             window_loss, window_steps = 0.0, 0
 
@@ -236,16 +246,15 @@ class Worker:
         self.engine.train()
         return {"val_loss": self._mean_over_replicas(float(np.mean(losses)))}
 
-    def _report(self, metrics: dict[str, Any]) -> None:
+    def _report(self, metrics: dict[str, Any]) -> bool:
+        """Report, with a checkpoint when one is due; False once nobody wants the run."""
         checkpoint_due = (
             self.step % self.train.checkpoint_every == 0 or self.step == self.final_step
         )
         if not checkpoint_due:
-            ray.train.report(metrics)
-            return
-        # Each rank saves its own shard locally; Ray merges all ranks' files into one checkpoint.
-        # The copy to storage runs on Ray Train's upload thread while this rank trains on; the
-        # checkpoint is registered (and ever resumed from) only once every rank's copy is done.
+            return self.session.report(metrics, None)
+        # Each rank saves its own shard locally; the session stores all ranks' files as one
+        # checkpoint, and counts it only once every rank's files are stored.
         folder = tempfile.mkdtemp(prefix="shipyard-checkpoint-")
         try:
             self.engine.save_checkpoint(
@@ -258,17 +267,19 @@ class Worker:
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(folder),
-            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-            delete_local_checkpoint_after_upload=True,
-        )
+        return self.session.report(metrics, folder)
 
-    def _restore(self, start_checkpoint: ray.train.Checkpoint | None) -> int:
+    def close(self) -> None:
+        """Free the engine now: a warm rank trains the next trial in this process."""
+        destroy = getattr(self.engine, "destroy", None)
+        if destroy:
+            destroy()
+        del self.engine
+
+    def _restore(self, start_checkpoint) -> int:
         """The step to continue from: this run's own latest checkpoint, else `start_checkpoint`
         (a sweep trial continuing another trial's checkpoint), else a fresh start at 0."""
-        checkpoint = ray.train.get_checkpoint() or start_checkpoint
+        checkpoint = self.session.own_checkpoint() or start_checkpoint
         if checkpoint is None:
             return 0
         with checkpoint.as_directory() as folder, weights_only_loads(checkpoint.path):
@@ -303,11 +314,8 @@ class Worker:
         if fault and fault.rank == self.rank and fault.step == self.step:
             marker = Path(fault.marker)
             if not marker.exists():
-                # Ray Train collects reports by polling workers every 2 s; a rank that dies first
-                # takes its last report with it. Wait for the commit so the drill tests recovery.
-                ray.train.get_all_reported_checkpoints(
-                    consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=60
-                )
+                # Wait for the commit, so the drill tests recovery from that checkpoint.
+                self.session.wait_for_commit()
                 marker.write_text(f"rank {self.rank} exited at step {self.step}\n")
                 os._exit(1)
 
@@ -337,16 +345,6 @@ def check_on_one_node(tp: TensorParallel) -> None:
             f"{len(set(nodes))} nodes; they must share one. To fix: use node types whose GPU "
             "count tensor_parallel divides, and whole nodes of workers."
         )
-
-
-def _device(plan: ParallelPlan) -> torch.device:
-    if plan.device == "cuda":
-        import ray.train.torch
-
-        device = ray.train.torch.get_device()
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
