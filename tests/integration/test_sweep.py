@@ -44,13 +44,9 @@ SWEEP_ACTORS = {
     "PlacementGroupCleaner",
     "_QueueActor",
     "DatasetManager",
+    "RankPool",
+    "WarmRank",
 }
-
-
-# Tune gives a trial's thread this long to end before it reuses the trial's actor, and a
-# failed reuse ends the next trial unannounced. At 0 every reuse of a paused trial's actor
-# fails, as it did at random when the thread's cleanup took over 2 s: none may be tried.
-NO_GRACE = {"TUNE_FUNCTION_THREAD_TIMEOUT_S": "0"}
 
 
 def sweep_job(
@@ -116,7 +112,7 @@ def test_interrupted_asha_sweep_on_s3_resumes_elsewhere_and_reports_its_best(
         command,
         stdout=first_log.open("w"),
         stderr=subprocess.STDOUT,
-        env=without_ray_address(SHIPYARD_CACHE=str(tmp_path / "first-machine"), **NO_GRACE),
+        env=without_ray_address(SHIPYARD_CACHE=str(tmp_path / "first-machine")),
         start_new_session=True,
     )
     try:
@@ -133,7 +129,7 @@ def test_interrupted_asha_sweep_on_s3_resumes_elsewhere_and_reports_its_best(
         command,
         capture_output=True,
         text=True,
-        env=without_ray_address(SHIPYARD_CACHE=str(second_machine), **NO_GRACE),
+        env=without_ray_address(SHIPYARD_CACHE=str(second_machine)),
         timeout=600,
     )
     assert second.returncode == 0, second.stdout + second.stderr
@@ -226,6 +222,13 @@ def test_pbt_continues_a_weak_trial_from_a_strong_ones_checkpoint(ray_session, t
             assert math.isclose(row["lr"], expected, rel_tol=1e-6), (row["step"], row["lr"])
 
     assert_tracked_as_parent_and_children(job, rows)
+
+    # Every run trained on the sweep's two warm gangs: only their first runs imported anything;
+    # and the restarts reused paused trials' Tune actors (Tune's `pid` is the trial actor's).
+    starts = [row for row in rows if "start_imports_s" in row]
+    assert len(starts) == len({row["trial_run"] for row in rows}) > 2
+    assert sum(row["start_imports_s"] > 0 for row in starts) == 2
+    assert len({row["pid"] for row in rows}) < len(starts)
 
     leftover_groups = [
         group for group in list_placement_groups(address=address) if group.state != "REMOVED"

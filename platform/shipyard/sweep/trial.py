@@ -1,14 +1,18 @@
 """One sweep trial: the job with the trial's values, trained as a Shipyard run inside Ray Tune.
 
-Tune cannot drive a Train V2 trainer directly, so each trial is a Tune function that runs
-`run_training` and forwards its reports. Every (re)start of a trial is a new Train run: it
-continues from the checkpoint Tune hands it, which after a PBT exploit is another trial's.
+Each trial is a Tune function that runs `run_training` on the sweep's warm ranks
+(`shipyard.train.warm_ranks`) and forwards its reports. Every (re)start of a trial is a new
+run: it continues from the checkpoint Tune hands it, which after a PBT exploit is another
+trial's.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -18,7 +22,11 @@ from shipyard.storage import from_ray_storage, ray_storage, remove_folder
 from shipyard.sweep.search_space import apply_overrides
 from shipyard.train.checkpoint import SavedCheckpoint, read_checkpoint
 
-TRIAL_CPUS = 0.01  # the trial's own actor only forwards reports; its Train workers hold the CPUs
+TRIAL_CPUS = 0.01  # the trial's own actor only forwards reports; its ranks hold the CPUs
+# Tune reuses a stopped or paused trial's actor for the next trial once the trial's thread has
+# ended, waiting this many seconds for it (2 by default) before it fails the next trial. The
+# thread sees the stop within STOP_POLL_S, but then ends its run's tracking and scratch folder.
+THREAD_END_GRACE = ("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
 
 
 def trial_job(base: JobSpec, values: dict[str, Any], run_name: str, storage: str) -> JobSpec:
@@ -53,16 +61,19 @@ def run_trial(
     corpora: dict[str, Corpus],
     runs: str,
     tracking: dict[str, Any] | None = None,
+    ranks=None,
 ) -> None:
     """Tune function trainable: train one trial, reporting each metric row (and checkpoint).
 
-    The trial's Train runs write their checkpoints under `runs` (a folder, or S3 when the
-    sweep's storage is), where every rank can reach them; Tune copies each reported one into
-    the trial's own storage."""
+    The trial's runs write their checkpoints under `runs` (a folder, or S3 when the sweep's
+    storage is), where every rank can reach them; Tune copies each reported one into the
+    trial's own storage. `ranks` is the sweep's `RankPool` (None: a Ray Train run)."""
     from ray import tune
 
-    from shipyard.train.trainer import run_training
+    from shipyard.train.trainer import RunStopped, run_training
 
+    entered = time.time()
+    os.environ.setdefault(*THREAD_END_GRACE)  # read by Tune in this process, at a reuse
     base_job = JobSpec.model_validate(base)
     metric = base_job.sweep.metric
     trial_id = tune.get_context().get_trial_id()
@@ -106,6 +117,7 @@ def run_trial(
                 pruner.submit(remove_folder, newest_copied)
             newest_copied = checkpoint
 
+    held["start_trial_s"] = time.time() - entered  # Tune's call to the run's
     try:
         run_training(
             job,
@@ -113,11 +125,24 @@ def run_trial(
             start_checkpoint=start,
             on_metrics=forward,
             tracking_context=trial_context(tracking, trial_id, config, saved, origin),
+            ranks=ranks,
+            stop_requested=tune_stop_requested(),
         )
+    except RunStopped:
+        pass  # Tune ended this trial to give its actor to the next
     finally:
         # Tune keeps its own copy of every reported checkpoint; the run's folder is scratch.
         pruner.shutdown(wait=True, cancel_futures=True)
         remove_folder(f"{runs}/{run_name}")
+
+
+def tune_stop_requested() -> Callable[[], bool]:
+    """Whether Tune has ended this trial's session, as it does before it reuses the trial's
+    actor. Ray 2.60 shows that only as its session's stop event; the trial's thread would
+    otherwise see it at its next `tune.report`, which may be many steps away."""
+    from ray.train._internal.session import get_session
+
+    return get_session().stop_event.is_set
 
 
 def trial_context(

@@ -37,6 +37,7 @@ from shipyard.sweep.promotion import Gate, PromotingAsha, Rungs
 from shipyard.sweep.search_space import Dimension, apply_overrides, shapes_corpus
 from shipyard.sweep.trial import TRIAL_CPUS, corpus_key, run_trial
 from shipyard.tracking.record import read_record
+from shipyard.train.warm_ranks import start_rank_pool, stop_rank_pool
 
 SWEEP_JOB_FILE = "sweep-job.json"  # the job the sweep started with; a resume must match it
 TRIAL_RUNS = "trial-runs"  # scratch folder of the trials' Train runs
@@ -79,6 +80,7 @@ def run_sweep(
     if on_setup:
         on_setup(setup)
     tracking, trial_tracking = track_sweep(job, location)
+    ranks = start_rank_pool(setup.concurrent_trials)  # warm ranks for every trial's runs
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
@@ -86,6 +88,7 @@ def run_sweep(
             corpora=build_corpora(job, dimensions),
             runs=f"{location}/{TRIAL_RUNS}",
             tracking=trial_tracking,
+            ranks=ranks,
         ),
         {"CPU": TRIAL_CPUS},
     )
@@ -107,6 +110,7 @@ def run_sweep(
             with tune_loggers_without_tensorboardx():
                 grid = tuner.fit()
         finally:
+            stop_rank_pool(ranks)
             if tracking:
                 tracking.tag(best_trial_tags(grid, job))
                 tracking.close("FINISHED" if grid is not None else "KILLED")
@@ -201,11 +205,11 @@ def build_tuner(job, dimensions, trainable, setup: SweepSetup, storage, callback
     """The Tuner for a new sweep: search space, search algorithm, scheduler, and its storage
     (`ray_storage` of the sweep's location).
 
-    A trial's actor is reused for the next trial only under FIFO, where every trial ends by
-    itself. A trial that ASHA or PBT stops or pauses is still inside `run_trial`, its Train
-    run going on: a cached actor would keep training it in the background until reused, and
-    the reuse fails if its thread takes over 2 s to end, which Tune tells no scheduler. Its
-    actor ends instead, and its Train run with it (Ray ends the actors a process owns)."""
+    A trial's actor is reused for the next trial (its process, imports and connections kept).
+    A trial that ASHA or PBT stops or pauses is still inside `run_trial`, its run going on;
+    Tune ends its session before the reuse, and `run_trial` then leaves the run within half a
+    second (its warm ranks leave at their next report) and ends well inside the grace Tune
+    gives it (`THREAD_END_GRACE`). An actor Tune does not reuse ends, its run with it."""
     sweep = job.sweep
     path, filesystem = storage
     return tune.Tuner(
@@ -216,7 +220,7 @@ def build_tuner(job, dimensions, trainable, setup: SweepSetup, storage, callback
             mode=sweep.mode,
             num_samples=sweep.num_samples,
             **search_and_scheduler(job, dimensions, setup.concurrent_trials),
-            reuse_actors=sweep.scheduler == "fifo",
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=path.rsplit("/", 1)[1],

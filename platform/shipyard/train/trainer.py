@@ -51,6 +51,8 @@ FIT_DONE = "fit done"  # the last item of a run's metrics queue
 # The phases of a run's start, each a `start_<phase>_s` metric of its first row; they add up to
 # `start_s` (launch: the driver's; the rest: rank 0's StartClock).
 START_PARTS = ("launch", "imports", "setup", "first_step")
+ROW_WAIT_S = 5  # the driver's wait on the metrics queue between chances to see Ctrl-C
+STOP_POLL_S = 0.5  # ...and between looks at `stop_requested`
 
 
 @dataclass
@@ -79,6 +81,8 @@ def run_training(
     corpus: Corpus | None = None,
     start_checkpoint: ray.train.Checkpoint | None = None,
     tracking_context: RunContext | None = None,
+    ranks=None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train `job` on the Ray cluster this process is connected to; resumes if it can.
 
@@ -88,6 +92,8 @@ def run_training(
     `corpus` reuses a corpus already built for the job's data; `start_checkpoint` starts a new
     run from a checkpoint of the same model layout (a sweep trial continuing another trial's).
     `tracking_context` places the run in a sweep's tracking (its parent run and folders).
+    `ranks`, a sweep's `RankPool`, runs it on warm ranks instead of a new Ray Train run.
+    `stop_requested` is asked twice a second; once it says so, the run is left (`RunStopped`).
     """
     began = time.time()
     plan = plan or make_plan(job)
@@ -100,7 +106,15 @@ def run_training(
     if on_corpus:
         on_corpus(corpus)
     metrics_queue = Queue(actor_options={"num_cpus": 0})
-    trainer = build_trainer(job, plan, corpus, metrics_queue, stop_at_step, fault, start_checkpoint)
+    if ranks is None:
+        trainer = build_trainer(
+            job, plan, corpus, metrics_queue, stop_at_step, fault, start_checkpoint
+        )
+    else:
+        from shipyard.train.warm_ranks import WarmRun
+
+        config = rank_config(job, plan, corpus, stop_at_step, fault, start_checkpoint)
+        trainer = WarmRun(ranks, job, plan, config, metrics_queue)
     tags = {"shipyard.job": job.name, **submission_tags()}
     tracking, places = open_tracking(job, job_params(job, plan.summary()), tags, tracking_context)
     result = TrainResult(tracking=places)
@@ -108,12 +122,18 @@ def run_training(
     try:
         with metrics_log(job) as log, ray_train_settings():
             record = metrics_recorder(log, on_metrics, tracking)
-            outcome = _fit_forwarding_metrics(trainer, metrics_queue, result.history, record, began)
+            outcome = _fit_forwarding_metrics(
+                trainer, metrics_queue, result.history, record, began, stop_requested
+            )
         finished = result.final.get("step", 0) >= job.train.max_steps
         status = "FINISHED" if finished else "KILLED"
     except ray.train.TrainingFailedError as error:
         raise TrainingError(f"training job {job.name!r} failed: {_worker_message(error)}") from None
-    except KeyboardInterrupt:
+    except ray.exceptions.RayError as error:  # a warm rank's, or its process's end
+        if ranks is None:
+            raise
+        raise TrainingError(f"training job {job.name!r} failed: {_root_line(error)}") from None
+    except (KeyboardInterrupt, RunStopped):
         status = "KILLED"
         raise
     finally:
@@ -177,15 +197,20 @@ def metrics_recorder(
     return record
 
 
+class RunStopped(Exception):
+    """The run's caller asked it to stop (a sweep trial that Tune ends to reuse its actor)."""
+
+
 def _fit_forwarding_metrics(
-    trainer, metrics_queue, history, on_metrics, began: float
+    trainer, metrics_queue, history, on_metrics, began: float, stop_requested=None
 ) -> ray.train.Result:
     """Run `trainer.fit()` on a helper thread while this thread forwards metrics as they come.
 
     Off the main thread, Ray Train installs no SIGINT handler of its own, so Ctrl-C reaches the
     caller as KeyboardInterrupt and the command can shut Ray down and say how to resume.
     The helper thread ends the queue with FIT_DONE, so this one waits on the queue alone
-    (a few calls a minute to the queue's actor rather than a poll every half second).
+    (a few calls a minute to the queue's actor rather than a poll every half second), or
+    twice a second when it must also watch `stop_requested`.
     """
     outcome: dict[str, Any] = {}
 
@@ -200,7 +225,10 @@ def _fit_forwarding_metrics(
 
     thread = threading.Thread(target=fit, name="shipyard-fit", daemon=True)
     thread.start()
-    while (row := _next_row(metrics_queue)) != FIT_DONE:
+    wait = STOP_POLL_S if stop_requested else ROW_WAIT_S
+    while (row := _next_row(metrics_queue, wait)) != FIT_DONE:
+        if stop_requested and stop_requested():
+            raise RunStopped  # the ranks see the queue end (run_training's cleanup) and leave
         if row is not None:
             row = _with_launch_time(row, began)
             history.append(row)
@@ -225,10 +253,10 @@ def _with_launch_time(row: Metrics, began: float) -> Metrics:
     return row
 
 
-def _next_row(metrics_queue) -> Metrics | str | None:
-    """The queue's next item, or None after a few seconds without one (a chance for Ctrl-C)."""
+def _next_row(metrics_queue, wait: float) -> Metrics | str | None:
+    """The queue's next item, or None after `wait` seconds without one (a chance for Ctrl-C)."""
     try:
-        return metrics_queue.get(timeout=5)
+        return metrics_queue.get(timeout=wait)
     except Empty:
         return None
 
@@ -249,15 +277,7 @@ def build_trainer(
     storage_path, storage_filesystem = ray_storage(job.storage)
     return TorchTrainer(
         train_loop,
-        train_loop_config={
-            "job": job.model_dump(mode="json"),
-            "plan": plan.to_dict(),
-            "stop_at_step": stop_at_step,
-            "fault": asdict(fault) if fault else None,
-            "start_checkpoint": start_checkpoint,
-            "corpus": corpus.to_dict(),
-            "corpus_filesystem": ray_storage(corpus.location)[1],
-        },
+        train_loop_config=rank_config(job, plan, corpus, stop_at_step, fault, start_checkpoint),
         torch_config=TorchConfig(backend=plan.backend),
         scaling_config=ScalingConfig(
             num_workers=plan.num_workers,
@@ -274,6 +294,26 @@ def build_trainer(
             callbacks=[ForwardMetrics(metrics_queue)],
         ),
     )
+
+
+def rank_config(
+    job: JobSpec,
+    plan: ParallelPlan,
+    corpus: Corpus,
+    stop_at_step: int | None,
+    fault: Fault | None,
+    start_checkpoint: ray.train.Checkpoint | None,
+) -> dict[str, Any]:
+    """What every rank is given (`run_rank`'s config): plain data and a checkpoint."""
+    return {
+        "job": job.model_dump(mode="json"),
+        "plan": plan.to_dict(),
+        "stop_at_step": stop_at_step,
+        "fault": asdict(fault) if fault else None,
+        "start_checkpoint": start_checkpoint,
+        "corpus": corpus.to_dict(),
+        "corpus_filesystem": ray_storage(corpus.location)[1],
+    }
 
 
 def placement(plan: ParallelPlan) -> list[dict[str, str]] | None:
