@@ -11,6 +11,7 @@ runs beside them), and how long the run took to start, phase by phase.
     .venv/bin/python benchmarks/train_overhead.py [--job jobs/tiny-gpt.yaml] [--steps 60]
     .venv/bin/python benchmarks/train_overhead.py --larger   # 2x the width and layers: 8x
     .venv/bin/python benchmarks/train_overhead.py --job jobs/tiny-llama.yaml
+    .venv/bin/python benchmarks/train_overhead.py --warm   # on a sweep's warm ranks instead
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ def main() -> None:
     parser.add_argument(
         "--larger", action="store_true", help="twice the width and layers (8x the parameters)"
     )
+    parser.add_argument(
+        "--warm",
+        action="store_true",
+        help="train Shipyard's side on warm ranks, as a sweep trial does, not a Ray Train run",
+    )
     args = parser.parse_args()
     job = benchmark_job(load_job(args.job), args.steps, args.larger)
     plan = make_plan(job)
@@ -61,12 +67,13 @@ def main() -> None:
     )
 
     baseline_first = baseline_throughput(job, args.steps)
-    shipyard, cpu, start = shipyard_throughput(job)
+    shipyard, cpu, start = shipyard_throughput(job, args.warm)
     baseline_second = baseline_throughput(job, args.steps)
     baseline = (baseline_first + baseline_second) / 2
 
     print(f"baseline DeepSpeed loop : {baseline_first:,.0f} / {baseline_second:,.0f} tokens/s")
-    print(f"shipyard (Ray Train)    : {shipyard:,.0f} tokens/s")
+    launcher = "warm ranks" if args.warm else "Ray Train"
+    print(f"{f'shipyard ({launcher})':24s}: {shipyard:,.0f} tokens/s")
     print(f"ratio shipyard/baseline : {shipyard / baseline:.3f}  (goal >= 0.97)")
     print(f"CPU during Shipyard's timed steps, % of one core ({psutil.cpu_count()} cores):")
     for name, share in cpu:
@@ -101,7 +108,9 @@ def benchmark_job(job: JobSpec, steps: int, larger: bool = False) -> JobSpec:
     return job.model_copy(update={"train": train, "storage": storage, "name": "overhead"})
 
 
-def shipyard_throughput(job: JobSpec) -> tuple[float, list[tuple[str, float]], dict]:
+def shipyard_throughput(
+    job: JobSpec, warm: bool = False
+) -> tuple[float, list[tuple[str, float]], dict]:
     """Median tokens/s over Shipyard's log windows after warm-up (the final window is excluded:
     it includes the closing evaluation and checkpoint); the CPU each process used from the end
     of warm-up to the last such window; the run's first row (its start breakdown)."""
@@ -116,7 +125,14 @@ def shipyard_throughput(job: JobSpec) -> tuple[float, list[tuple[str, float]], d
             samples[row["step"]] = (time.perf_counter(), cpu_seconds())
 
     with ray_runtime():
-        result = run_training(job, on_metrics=sample)
+        from shipyard.train.warm_ranks import start_rank_pool, stop_rank_pool
+
+        ranks = start_rank_pool(1) if warm else None
+        try:
+            result = run_training(job, on_metrics=sample, ranks=ranks)
+        finally:
+            if ranks is not None:
+                stop_rank_pool(ranks)
     rows = [r for r in result.history if WARMUP_STEPS < r["step"] < job.train.max_steps]
     throughput = statistics.median(r["tokens_per_s"] for r in rows)
     return throughput, cpu_shares(samples[WARMUP_STEPS], samples[last_window]), result.history[0]

@@ -26,7 +26,7 @@ def test_a_warm_gang_trains_run_after_run_exactly_and_outlives_failures_and_leav
       fresh one did;
     - in the third a rank dies after step 6: a new gang continues from the step-4 checkpoint
       and ends where an uninterrupted run ends;
-    - the fourth is left after its first report: its ranks leave at their next report, and
+    - the fourth is left after its first report: its ranks leave within a step or so, and
       the fifth gets their gang back (the pool holds one and never needs another)."""
 
     def job(name: str):

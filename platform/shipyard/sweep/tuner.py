@@ -207,9 +207,9 @@ def build_tuner(job, dimensions, trainable, setup: SweepSetup, storage, callback
 
     A trial's actor is reused for the next trial (its process, imports and connections kept).
     A trial that ASHA or PBT stops or pauses is still inside `run_trial`, its run going on;
-    Tune ends its session before the reuse, and `run_trial` then leaves the run within half a
-    second (its warm ranks leave at their next report) and ends well inside the grace Tune
-    gives it (`THREAD_END_GRACE`). An actor Tune does not reuse ends, its run with it."""
+    Tune ends its session before the reuse, and `run_trial` then leaves the run within a
+    quarter of a second (its warm ranks leave within a step) and ends well inside the grace
+    Tune gives it (`THREAD_END_GRACE`). An actor Tune does not reuse ends, its run with it."""
     sweep = job.sweep
     path, filesystem = storage
     return tune.Tuner(

@@ -39,6 +39,10 @@ class RankSession(Protocol):
         """Return once every checkpoint reported so far is committed."""
         ...
 
+    def keep_going(self) -> bool:
+        """Asked after every step, by every rank together: False once nobody wants the run."""
+        ...
+
 
 class RayTrainSession:
     """A rank of a Ray Train run: Ray Train numbers it, uploads, commits and restarts."""
@@ -75,6 +79,9 @@ class RayTrainSession:
             delete_local_checkpoint_after_upload=True,
         )
         return True
+
+    def keep_going(self) -> bool:
+        return True  # Ray Train ends its own runs
 
     def wait_for_commit(self) -> None:
         # Ray Train collects reports by polling workers; a rank that dies first takes its last

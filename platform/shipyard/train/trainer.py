@@ -52,7 +52,7 @@ FIT_DONE = "fit done"  # the last item of a run's metrics queue
 # `start_s` (launch: the driver's; the rest: rank 0's StartClock).
 START_PARTS = ("launch", "imports", "setup", "first_step")
 ROW_WAIT_S = 5  # the driver's wait on the metrics queue between chances to see Ctrl-C
-STOP_POLL_S = 0.5  # ...and between looks at `stop_requested`
+STOP_POLL_S = 0.25  # ...and between looks at `stop_requested`
 
 
 @dataclass
@@ -93,7 +93,7 @@ def run_training(
     run from a checkpoint of the same model layout (a sweep trial continuing another trial's).
     `tracking_context` places the run in a sweep's tracking (its parent run and folders).
     `ranks`, a sweep's `RankPool`, runs it on warm ranks instead of a new Ray Train run.
-    `stop_requested` is asked twice a second; once it says so, the run is left (`RunStopped`).
+    `stop_requested` is asked 4 times a second; once it says so, the run is left (`RunStopped`).
     """
     began = time.time()
     plan = plan or make_plan(job)
@@ -210,7 +210,7 @@ def _fit_forwarding_metrics(
     caller as KeyboardInterrupt and the command can shut Ray down and say how to resume.
     The helper thread ends the queue with FIT_DONE, so this one waits on the queue alone
     (a few calls a minute to the queue's actor rather than a poll every half second), or
-    twice a second when it must also watch `stop_requested`.
+    every STOP_POLL_S when it must also watch `stop_requested`.
     """
     outcome: dict[str, Any] = {}
 

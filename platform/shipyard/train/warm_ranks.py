@@ -14,8 +14,9 @@ What Ray Train did for a run, the pool does here:
 - failures: a gang with a failed rank is ended (its other ranks may wait in a collective) and
   the run continues on a new gang from its newest committed checkpoint, up to
   `failure.max_failures` times;
-- a stopped trial: its metrics queue dies with it; rank 0 finds out at its next report and
-  every rank leaves the run together, keeping the gang for the next trial.
+- a stopped trial: its metrics queue dies with it; rank 0 finds out within a step (it asks
+  the queue's actor, one call at a time, without waiting) and every rank leaves the run at
+  the same step, keeping the gang for the next trial.
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ class WarmSession:
         self.rank, self.created, self.queue = rank, created, queue
         self.checkpoints, self.own = checkpoints, own_checkpoint
         self._device = None
+        self._probe = None  # rank 0's call asking whether the run's queue is still there
 
     def world_rank(self) -> int:
         return self.rank
@@ -179,6 +181,24 @@ class WarmSession:
 
     def wait_for_commit(self) -> None:
         """Nothing to wait for: `report` returns once its checkpoint is committed."""
+
+    def keep_going(self) -> bool:
+        return self._agree(self._queue_alive() if self.rank == 0 else True)
+
+    def _queue_alive(self) -> bool:
+        """False once the last answered probe of the queue's actor found it gone; a step never
+        waits for a probe (an answer arrives while the rank trains)."""
+        if self._probe is None:
+            self._probe = self.queue.actor.qsize.remote()
+        ready, _ = ray.wait([self._probe], timeout=0)
+        if not ready:
+            return True
+        probe, self._probe = self._probe, None
+        try:
+            ray.get(probe)
+        except ray.exceptions.RayActorError:
+            return False
+        return True
 
     def _agree(self, wanted: bool) -> bool:
         """Rank 0's answer, on every rank, so they all leave the run at the same step."""

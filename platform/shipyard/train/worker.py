@@ -179,6 +179,8 @@ class Worker:
             self.step += 1
             window_steps += 1
             self._maybe_fail()
+            if not self.session.keep_going():
+                return  # the run's owner is gone (a sweep trial stopped): leave with the rest
             if not self._is_report_step():
                 continue
             now = time.perf_counter()
