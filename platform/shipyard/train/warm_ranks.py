@@ -90,11 +90,12 @@ class WarmRank:
         return ray.get_runtime_context().get_node_id()
 
     def address(self) -> tuple[str, int]:
-        """Where the gang's process group meets: this node and a free port on it."""
+        """Where the gang's process group meets: this node's address (127.0.0.1 on the
+        embedded Ray) and a port free on it."""
+        host = ray.util.get_node_ip_address()
         with socket.socket() as probe:
-            probe.bind(("", 0))
-            port = probe.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+            probe.bind((host, 0))
+            return host, probe.getsockname()[1]
 
     def join(self, rank: int, local_rank: int, world: int, local_world: int, address, backend):
         """Join the gang's process group, as torchrun would start this rank."""
