@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from shipyard.train.trainer import run_training
-from shipyard.train.warm_ranks import start_rank_pool, stop_rank_pool
+from shipyard.train.warm_ranks import end_pool_runs, start_rank_pool, stop_rank_pool
 from shipyard.train.worker import Fault
 from tests.integration.conftest import tiny_job
 
@@ -26,8 +27,9 @@ def test_a_warm_gang_trains_run_after_run_exactly_and_outlives_failures_and_leav
       fresh one did;
     - in the third a rank dies after step 6: a new gang continues from the step-4 checkpoint
       and ends where an uninterrupted run ends;
-    - the fourth is left after its first report: its ranks leave within a step or so, and
-      the fifth gets their gang back (the pool holds one and never needs another)."""
+    - the fourth is ended through the pool at its first report while its owner still waits
+      there, as a paused trial's is: its ranks leave within a step or so, and the fifth gets
+      their gang back before the owner moves on (the pool holds one, never needs another)."""
 
     def job(name: str):
         return tiny_job(name, tmp_path, max_steps=8, checkpoint_every=4, eval_every=4, log_every=2)
@@ -59,17 +61,26 @@ def test_a_warm_gang_trains_run_after_run_exactly_and_outlives_failures_and_leav
         assert restarted[0]["start_imports_s"] > 0  # on a new gang's new processes
         assert rows(third)[-1] == rows(first)[-1]
 
-        def leave(row):
+        paused, released = threading.Event(), threading.Event()
+
+        def pause(row):  # a paused trial's report waits; its scheduler ends its run meanwhile
+            end_pool_runs("fourth")
+            paused.set()
+            released.wait(timeout=300)
             raise Leave
 
-        with pytest.raises(Leave):
-            run_training(job("fourth"), ranks=pool, on_metrics=leave)
-        # The pool's one gang is the fourth's until its ranks leave: never, if they missed it.
-        waiting = ThreadPoolExecutor(max_workers=1)
+        owners = ThreadPoolExecutor(max_workers=2)
         try:
-            fifth = waiting.submit(run_training, job("fifth"), ranks=pool).result(timeout=300)
+            fourth = owners.submit(run_training, job("fourth"), ranks=pool, on_metrics=pause)
+            assert paused.wait(timeout=300)
+            # The pool's one gang is the fourth's until its ranks leave: never, if they missed it.
+            fifth = owners.submit(run_training, job("fifth"), ranks=pool).result(timeout=300)
+            released.set()
+            with pytest.raises(Leave):
+                fourth.result(timeout=60)
         finally:
-            waiting.shutdown(wait=False)
+            released.set()
+            owners.shutdown(wait=False)
         assert fifth.history[0]["start_imports_s"] == 0
         assert rows(fifth) == rows(first)
         assert ray_session.get(pool.size.remote()) == 1

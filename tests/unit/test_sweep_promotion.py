@@ -58,9 +58,12 @@ def test_a_higher_rung_promotes_first():
     assert rungs.best_of_highest_rung({}) is None
 
 
-def scheduler(concurrent_trials: int = 1, mode: str = "min") -> PromotingAsha:
+def scheduler(concurrent_trials: int = 1, mode: str = "min", ended=None) -> PromotingAsha:
     asha = PromotingAsha(
-        Rungs.between(8, 2, 24, 8), max_steps=24, concurrent_trials=concurrent_trials
+        Rungs.between(8, 2, 24, 8),
+        max_steps=24,
+        concurrent_trials=concurrent_trials,
+        end_runs=None if ended is None else ended.append,
     )
     asha.set_search_properties("val_loss", mode)
     return asha
@@ -74,20 +77,24 @@ def added(asha: PromotingAsha, trial_id: str, **last_result) -> Trial:
 
 
 def test_a_trial_pauses_at_its_rung_unless_it_would_be_promoted_next_anyway():
-    asha = scheduler()
+    ended: list[str] = []  # the trials whose runs the scheduler ended (paused ones)
+    asha = scheduler(ended=ended)
     first = added(asha, "first")
     assert asha.on_trial_result(None, first, {"step": 4, "val_loss": 9.0}) == "CONTINUE"
     # Alone at the rung, it is not in the top half of one result: it pauses.
     assert asha.on_trial_result(None, first, {"step": 8, "val_loss": 5.0}) == "PAUSE"
     assert asha.paused == {"first": 0} and asha.may_start_new_trial()
+    assert ended == ["first"]
     second = added(asha, "second")
     assert asha.running == {"second": 0}
     # Better than the first: top of two, and the slot it frees would go to it.
     assert asha.on_trial_result(None, second, {"step": 8, "val_loss": 4.0}) == "CONTINUE"
     assert asha.running == {"second": 1} and asha.rungs.promoted[0] == ["second"]
+    assert ended == ["first"]  # its run goes on
     # At the next rung it stands alone again: it pauses, and the slot is a new trial's.
     assert asha.on_trial_result(None, second, {"step": 16, "val_loss": 3.0}) == "PAUSE"
     assert asha.paused == {"first": 0, "second": 1} and asha.may_start_new_trial()
+    assert ended == ["first", "second"]
 
 
 def test_a_worse_second_arrival_pauses_and_leaves_the_slot_to_the_first():

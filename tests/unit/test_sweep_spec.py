@@ -185,7 +185,8 @@ def test_asha_with_promotions_gates_the_search_by_its_running_trials():
     """Paused trials hold no slot: the search is capped by the scheduler, not by itself."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from shipyard.sweep.promotion import Gate, PromotingAsha
+    from shipyard.sweep.promotion import EndingAsha, Gate, PromotingAsha
+    from shipyard.sweep.trial import end_trial_runs
     from shipyard.sweep.tuner import search_and_scheduler
 
     job = job_with({"scheduler": "asha", "asha": {"grace_period": 20}}, max_steps=200)
@@ -197,7 +198,8 @@ def test_asha_with_promotions_gates_the_search_by_its_running_trials():
     assert (asha.rungs.milestones, asha.concurrent_trials) == ([20, 60, 180], 2)
     percentile = job_with({"scheduler": "asha", "asha": {"promotion": "percentile"}})
     tune_asha = search_and_scheduler(percentile, (), concurrent_trials=2)
-    assert type(tune_asha["scheduler"]).__name__ == "AsyncHyperBandScheduler"
+    assert isinstance(tune_asha["scheduler"], EndingAsha)  # Tune's ASHA, ending cut trials
+    assert asha.end_runs is tune_asha["scheduler"].end_runs is end_trial_runs
 
 
 def test_optuna_under_paused_asha_is_gated_but_not_concurrency_limited():

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import TrialScheduler
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import SearchAlgorithm
 
 STATE_FILE = "shipyard-asha-promotions.json"
@@ -99,9 +100,16 @@ class PromotingAsha(TrialScheduler):
 
     _supports_buffered_results = False  # it pauses trials at exact steps
 
-    def __init__(self, rungs: Rungs, max_steps: int, concurrent_trials: int):
+    def __init__(
+        self,
+        rungs: Rungs,
+        max_steps: int,
+        concurrent_trials: int,
+        end_runs: Callable[[str], None] | None = None,
+    ):
         super().__init__()
         self.rungs, self.max_steps, self.concurrent_trials = rungs, max_steps, concurrent_trials
+        self.end_runs = end_runs  # ends a paused trial's run now (see `EndingAsha`)
         self._metric, self._mode = None, None
         self.running: dict[str, int] = {}  # trial id -> the rung it trains towards
         self.paused: dict[str, int] = {}  # trial id -> the rung it waits at
@@ -153,6 +161,8 @@ class PromotingAsha(TrialScheduler):
         if trial_id in self._candidates()[: self._free_slots() - len(self.queued)]:
             self._promote(trial_id)
             return self.CONTINUE
+        if self.end_runs:
+            self.end_runs(trial_id)
         return self.PAUSE
 
     def on_trial_complete(self, tune_controller, trial: Trial, result: dict) -> None:
@@ -272,6 +282,24 @@ class PromotingAsha(TrialScheduler):
     def _forget(self, trial_id: str) -> None:
         for table in (self.running, self.paused, self.queued):
             table.pop(trial_id, None)
+
+
+class EndingAsha(ASHAScheduler):
+    """Tune's ASHAScheduler, ending a trial's run the moment it stops the trial.
+
+    Tune ends a stopped (or paused) trial's function only when it reuses the trial's actor for
+    the next trial: until then the run trains on for nothing, and holds the ranks the next
+    trial waits for. `end_runs(trial_id)` ends it at once."""
+
+    def __init__(self, end_runs: Callable[[str], None], **settings):
+        super().__init__(**settings)
+        self.end_runs = end_runs
+
+    def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == self.STOP:
+            self.end_runs(trial.trial_id)
+        return decision
 
 
 class Gate(SearchAlgorithm):

@@ -21,6 +21,7 @@ from shipyard.spec.job import JobSpec
 from shipyard.storage import from_ray_storage, ray_storage, remove_folder
 from shipyard.sweep.search_space import apply_overrides
 from shipyard.train.checkpoint import SavedCheckpoint, read_checkpoint
+from shipyard.train.warm_ranks import end_pool_runs
 
 TRIAL_CPUS = 0.01  # the trial's own actor only forwards reports; its ranks hold the CPUs
 # Tune reuses a stopped or paused trial's actor for the next trial once the trial's thread has
@@ -107,6 +108,8 @@ def run_trial(
         if metric not in row:  # Tune wants its metric in every result
             held.update((key, value) for key, value in row.items() if key.startswith("start_"))
             return
+        # Once Tune pauses or stops the trial, this waits until Tune reuses the actor, then
+        # raises SystemExit: the run ends KILLED, and Tune's thread wrapper expects the exit.
         tune.report(
             {**held, **row, "trial_run": run_name, "started_from_trial": origin},
             checkpoint=_ray_checkpoint(checkpoint, runs_filesystem) if checkpoint else None,
@@ -134,6 +137,12 @@ def run_trial(
         # Tune keeps its own copy of every reported checkpoint; the run's folder is scratch.
         pruner.shutdown(wait=True, cancel_futures=True)
         remove_folder(f"{runs}/{run_name}")
+
+
+def end_trial_runs(trial_id: str) -> None:
+    """End the trial's run on the sweep's warm ranks now (its scheduler paused or stopped
+    it): the run's names start with the trial's id."""
+    end_pool_runs(f"{trial_id}-")
 
 
 def tune_stop_requested() -> Callable[[], bool]:

@@ -33,9 +33,9 @@ from shipyard.storage import (
     remove_folder,
 )
 from shipyard.sweep.history import HISTORY_FILE, TrialHistory
-from shipyard.sweep.promotion import Gate, PromotingAsha, Rungs
+from shipyard.sweep.promotion import EndingAsha, Gate, PromotingAsha, Rungs
 from shipyard.sweep.search_space import Dimension, apply_overrides, shapes_corpus
-from shipyard.sweep.trial import TRIAL_CPUS, corpus_key, run_trial
+from shipyard.sweep.trial import TRIAL_CPUS, corpus_key, end_trial_runs, run_trial
 from shipyard.tracking.record import read_record
 from shipyard.train.warm_ranks import start_rank_pool, stop_rank_pool
 
@@ -255,7 +255,7 @@ def search_and_scheduler(
     rungs = Rungs.between(
         asha.grace_period, asha.reduction_factor, train.max_steps, train.checkpoint_every
     )
-    promoting = PromotingAsha(rungs, train.max_steps, concurrent_trials)
+    promoting = PromotingAsha(rungs, train.max_steps, concurrent_trials, end_trial_runs)
     return {"search_alg": Gate(search_algorithm(job, None), promoting), "scheduler": promoting}
 
 
@@ -280,10 +280,9 @@ def scheduler(job: JobSpec, dimensions: tuple[Dimension, ...]):
     """FIFO, ASHA (Tune's percentile rule) or PBT, all counting time in optimizer steps."""
     sweep = job.sweep
     if sweep.scheduler == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-
         settings = sweep.asha_settings
-        return ASHAScheduler(
+        return EndingAsha(
+            end_trial_runs,
             time_attr="step",
             max_t=job.train.max_steps,
             grace_period=settings.grace_period,

@@ -133,7 +133,7 @@ def run_training(
         if ranks is None:
             raise
         raise TrainingError(f"training job {job.name!r} failed: {_root_line(error)}") from None
-    except (KeyboardInterrupt, RunStopped):
+    except (KeyboardInterrupt, RunStopped, SystemExit):  # SystemExit: Tune ended the trial
         status = "KILLED"
         raise
     finally:

@@ -16,7 +16,11 @@ What Ray Train did for a run, the pool does here:
   `failure.max_failures` times;
 - a stopped trial: its metrics queue dies with it; rank 0 finds out within a step (it asks
   the queue's actor, one call at a time, without waiting) and every rank leaves the run at
-  the same step, keeping the gang for the next trial.
+  the same step, keeping the gang for the next trial. Tune ends a stopped or paused trial
+  only when it reuses its actor for the next one, so a scheduler that stops or pauses a
+  trial ends its runs at once (`end_runs`): they would train on for nothing meanwhile, and
+  the next trial would wait for their gang. That goes straight to rank 0 (`WarmRank.leave`),
+  not through the queue's end: Ray takes a second or two to tell a caller an actor died.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ from shipyard.spec.job import JobSpec
 from shipyard.storage import open_store, ray_storage
 from shipyard.train.entry import hidden_module
 
+POOL_NAME = "shipyard-rank-pool"  # in the driver's namespace: one sweep at a time runs there
+CONTROL = "control"  # a warm rank's concurrency group for calls made while it trains
 CHECKPOINT_PREFIX = "checkpoint_"
 COMMITTED = "committed"  # in a checkpoint once every rank's files are stored
 
@@ -76,15 +82,18 @@ class GangShape:
 
 class WarmRank:
     """One rank's process: imports the training loop once, joins its gang's process group
-    once, then trains one run after another."""
+    once, then trains one run after another. `leave` is answered while a run trains (its own
+    concurrency group, CONTROL)."""
 
     def __init__(self):
         # Ray may hand an actor a process it started long before: its start counts from here.
         self.born = time.time()
         with hidden_module("mlflow"):  # as in every rank (see `hidden_module`)
             import shipyard.train.worker  # noqa: F401  torch, DeepSpeed, the loop
+        gc.freeze()  # see `_collect_run`
         self.runs = 0
         self.rank = 0
+        self.session: WarmSession | None = None  # the run it trains now
 
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -125,21 +134,44 @@ class WarmRank:
 
         # The first run's start includes this process's own (its imports, the group's join).
         created = self.born if self.runs == 0 else None
-        session = WarmSession(self.rank, created, queue, checkpoints, own_checkpoint)
+        name = config["job"]["name"]
+        self.session = WarmSession(self.rank, name, created, queue, checkpoints, own_checkpoint)
         try:
-            run_rank(config, session)
+            run_rank(config, self.session)
         finally:
+            self.session = None
             self.runs += 1
-            gc.collect()  # the engine's cycles, before the next run builds its own
+            _collect_run()
         return self.runs
+
+    @ray.method(concurrency_group=CONTROL)
+    def leave(self, name: str) -> None:
+        """Make run `name`, if this rank trains it now, leave at the next step (rank 0 tells
+        the others)."""
+        session = self.session
+        if session is not None and session.name == name:
+            session.leaving = True
+
+
+def _collect_run() -> None:
+    """Free the run's engine (its reference cycles) before the next run builds its own.
+
+    What survives is the process's own (modules, some imported by the first run, and caches),
+    so it is frozen: the next collection looks only at what the next run made. A full one
+    over torch's and DeepSpeed's objects took over a second of every trial's start."""
+    gc.collect()
+    gc.freeze()
 
 
 class WarmSession:
     """The `RankSession` of a rank in a warm gang (see the module's text)."""
 
-    def __init__(self, rank: int, created: float | None, queue, checkpoints: str, own_checkpoint):
-        self.rank, self.created, self.queue = rank, created, queue
+    def __init__(
+        self, rank: int, name: str, created: float | None, queue, checkpoints: str, own_checkpoint
+    ):
+        self.rank, self.name, self.created, self.queue = rank, name, created, queue
         self.checkpoints, self.own = checkpoints, own_checkpoint
+        self.leaving = False  # set by `WarmRank.leave`, from another thread
         self._device = None
         self._probe = None  # rank 0's call asking whether the run's queue is still there
 
@@ -172,8 +204,8 @@ class WarmSession:
             if self.rank == 0:
                 open_store(location).put_text(COMMITTED, "")
             row["checkpoint"] = location
-        wanted = True
-        if self.rank == 0:
+        wanted = not self.leaving
+        if self.rank == 0 and wanted:
             try:
                 self.queue.put(row)
             except ray.exceptions.RayActorError:  # the queue died with its run's owner
@@ -184,7 +216,7 @@ class WarmSession:
         """Nothing to wait for: `report` returns once its checkpoint is committed."""
 
     def keep_going(self) -> bool:
-        return self._agree(self._queue_alive() if self.rank == 0 else True)
+        return self._agree(not self.leaving and self._queue_alive() if self.rank == 0 else True)
 
     def _queue_alive(self) -> bool:
         """False once the last answered probe of the queue's actor found it gone; a step never
@@ -234,7 +266,7 @@ class Gang:
         gang = cls(shape, group)
         try:
             await group.ready()
-            actor = ray.remote(WarmRank)
+            actor = ray.remote(concurrency_groups={CONTROL: 1})(WarmRank)
             gang.ranks = [
                 actor.options(
                     num_cpus=shape.cpus,
@@ -279,10 +311,13 @@ class RankPool:
         self.idle: list[Gang] = []
         self.busy = 0
         self.changed = asyncio.Condition()
+        self.training: dict[str, Gang] = {}  # run name -> the gang that trains it
 
     async def train(self, shape: GangShape, config, queue, checkpoints: str, own) -> None:
         """Train one run on a gang of `shape`; a failure ends the gang and is raised."""
+        name = config["job"]["name"]
         gang = await self._borrow(shape)
+        self.training[name] = gang
         try:
             await asyncio.gather(
                 *(rank.run.remote(config, queue, checkpoints, own) for rank in gang.ranks)
@@ -291,7 +326,15 @@ class RankPool:
             gang.end()
             await self._give_back(None)
             raise
+        finally:
+            self.training.pop(name, None)
         await self._give_back(gang)
+
+    def end_runs(self, prefix: str) -> None:
+        """End the runs whose names start with `prefix`: their ranks leave within a step."""
+        for name, gang in self.training.items():
+            if name.startswith(prefix):
+                gang.ranks[0].leave.remote(name)
 
     def size(self) -> int:
         return self.busy + len(self.idle)
@@ -332,15 +375,30 @@ class RankPool:
 
 def start_rank_pool(max_gangs: int):
     """The sweep's pool of warm gangs, as a Ray actor owned by this process (its gangs end
-    with it)."""
-    return ray.remote(num_cpus=0)(RankPool).remote(max_gangs)
+    with it), named POOL_NAME so that a scheduler can reach it (see `end_pool_runs`)."""
+    return ray.remote(num_cpus=0)(RankPool).options(name=POOL_NAME).remote(max_gangs)
 
 
 def stop_rank_pool(pool) -> None:
-    """End the pool's gangs and the pool (a gang still training ends with its owner)."""
+    """End the pool's gangs and the pool (a gang still training ends with its owner), and
+    wait until its name is free for the next sweep's."""
     with suppress(ray.exceptions.RayError):
         ray.get(pool.shutdown.remote(), timeout=30)
     ray.kill(pool)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(POOL_NAME)
+        except ValueError:
+            return
+        time.sleep(0.05)
+
+
+def end_pool_runs(prefix: str) -> None:
+    """Ask the running sweep's pool, if there is one, to end the runs whose names start with
+    `prefix` (it does not wait for them to end)."""
+    with suppress(ValueError):
+        ray.get_actor(POOL_NAME).end_runs.remote(prefix)
 
 
 @dataclass
