@@ -56,7 +56,7 @@ def main() -> None:
     job = load_job(args.job)
     import ray
 
-    start_local_ray(logging_level=logging.WARNING)
+    start_local_ray(logging_level=logging.WARNING, log_to_driver=False)  # as `shipyard serve`
     try:
         with tempfile.TemporaryDirectory() as scratch:
             export = model_to_serve(job, Path(scratch))

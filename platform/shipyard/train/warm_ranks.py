@@ -14,9 +14,9 @@ What Ray Train did for a run, the pool does here:
 - failures: a gang with a failed rank is ended (its other ranks may wait in a collective) and
   the run continues on a new gang from its newest committed checkpoint, up to
   `failure.max_failures` times;
-- a stopped trial: its metrics queue dies with it; rank 0 finds out within a step (it asks
-  the queue's actor, one call at a time, without waiting) and every rank leaves the run at
-  the same step, keeping the gang for the next trial. Tune ends a stopped or paused trial
+- a run's owner gone: its metrics queue dies with it; rank 0 finds out when Ray tells it (it
+  asks the queue's actor, one call at a time, without waiting) and every rank leaves the run
+  at the same step, keeping the gang for the next trial. Tune ends a stopped or paused trial
   only when it reuses its actor for the next one, so a scheduler that stops or pauses a
   trial ends its runs at once (`end_runs`): they would train on for nothing meanwhile, and
   the next trial would wait for their gang. That goes straight to rank 0 (`WarmRank.leave`),
