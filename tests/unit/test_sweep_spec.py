@@ -274,3 +274,24 @@ def test_a_trials_train_run_keeps_every_checkpoint_it_makes():
     saved_at = {step for step in range(1, 46) if step % 3 == 0 or step == 45}
     assert job.train.keep_checkpoints >= len(saved_at)
     assert (job.name, job.storage, job.sweep, job.train.lr) == ("t1-abc", "/tmp/runs", None, 1e-3)
+
+
+@pytest.mark.parametrize("users_threshold", [None, "5"])
+def test_tune_runs_without_tensorboardx_or_snapshot_warnings_unless_the_user_wants_them(
+    monkeypatch, users_threshold
+):
+    import os
+
+    from shipyard.sweep.tuner import NO_SNAPSHOT_WARNINGS, NO_TENSORBOARDX, tune_settings
+
+    threshold, tensorboardx = NO_SNAPSHOT_WARNINGS[0], NO_TENSORBOARDX[0]
+    monkeypatch.delenv(tensorboardx, raising=False)
+    if users_threshold is None:
+        monkeypatch.delenv(threshold, raising=False)
+    else:
+        monkeypatch.setenv(threshold, users_threshold)
+    with tune_settings():
+        assert os.environ[tensorboardx] == "1"
+        assert os.environ[threshold] == (users_threshold or "0")
+    assert tensorboardx not in os.environ
+    assert os.environ.get(threshold) == users_threshold

@@ -107,7 +107,7 @@ def run_sweep(
             tuner = build_tuner(job, dimensions, trainable, setup, storage, [*callbacks, history])
         grid = None
         try:
-            with tune_loggers_without_tensorboardx():
+            with tune_settings():
                 grid = tuner.fit()
         finally:
             stop_rank_pool(ranks)
@@ -120,21 +120,33 @@ def run_sweep(
     return setup, grid, unfinished
 
 
+# Tune's CSV and JSON result files, but not its TensorBoardX files (or its hint to open them in
+# Ray's temporary folder, deleted when Ray stops): Shipyard writes TensorBoard folders per trial
+# that outlive Ray (tracking.tensorboard).
+NO_TENSORBOARDX = ("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+# Tune saves the sweep's state after every trial checkpoint once it prunes checkpoints
+# (`num_to_keep`), and warns each time that happens within 5 s of the last: several times a
+# second in a sweep that checkpoints often. Kept quiet unless the user set a threshold.
+NO_SNAPSHOT_WARNINGS = ("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
 @contextmanager
-def tune_loggers_without_tensorboardx() -> Iterator[None]:
-    """Tune's CSV and JSON result files, but not its TensorBoardX files (or its hint to open
-    them in Ray's temporary folder, deleted when Ray stops): Shipyard writes TensorBoard
-    folders per trial that outlive Ray (tracking.tensorboard)."""
-    name = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
-    before = os.environ.get(name)
-    os.environ[name] = "1"
+def tune_settings() -> Iterator[None]:
+    """Shipyard's Tune settings in this process's environment while the sweep runs: no
+    TensorBoardX files (always), no snapshot warnings (unless the user chose a threshold)."""
+    chosen = dict([NO_TENSORBOARDX])
+    if NO_SNAPSHOT_WARNINGS[0] not in os.environ:
+        chosen.update([NO_SNAPSHOT_WARNINGS])
+    before = {name: os.environ.get(name) for name in chosen}
+    os.environ.update(chosen)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def track_sweep(job: JobSpec, location: str) -> tuple[Any, dict[str, Any]]:
