@@ -107,10 +107,8 @@ def start_local_ray(**init_options) -> None:
         LOOPBACK_FLAG: "0",
         **({} if full else LEAN_ENVIRONMENT),
     }
-    saved = {name: os.environ.get(name) for name in pinned}
-    os.environ.update(pinned)
     try:
-        with _node_on_loopback():
+        with environment(pinned), _node_on_loopback():
             ray.init(
                 address="local",
                 include_dashboard=True,
@@ -120,13 +118,24 @@ def start_local_ray(**init_options) -> None:
                 **init_options,
             )
     finally:
-        for name, value in saved.items():
+        if not full:  # Ray Data asks the driver's environment at every run, and would
+            os.environ[USAGE_SWITCH] = "0"  # otherwise start its usage actor each time
+
+
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """`values` in this process's environment while the block runs; what each name had
+    before (or its absence) comes back after."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        if not full:  # Ray Data asks the driver's environment at every run, and would
-            os.environ[USAGE_SWITCH] = "0"  # otherwise start its usage actor each time
 
 
 @contextmanager

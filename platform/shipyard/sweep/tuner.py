@@ -24,6 +24,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from shipyard.data.corpus import Corpus, prepare_corpus
 from shipyard.errors import ResourceError, SpecError
+from shipyard.runtime.local import environment
 from shipyard.spec.job import SWEEP_SUFFIX, JobSpec
 from shipyard.storage import (
     local_mirror,
@@ -137,16 +138,8 @@ def tune_settings() -> Iterator[None]:
     chosen = dict([NO_TENSORBOARDX])
     if NO_SNAPSHOT_WARNINGS[0] not in os.environ:
         chosen.update([NO_SNAPSHOT_WARNINGS])
-    before = {name: os.environ.get(name) for name in chosen}
-    os.environ.update(chosen)
-    try:
+    with environment(chosen):
         yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def track_sweep(job: JobSpec, location: str) -> tuple[Any, dict[str, Any]]:

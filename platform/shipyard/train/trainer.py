@@ -26,7 +26,7 @@ from ray.util.queue import Empty, Queue
 from shipyard.data.corpus import Corpus, prepare_corpus
 from shipyard.errors import ResourceError, SpecError, TrainingError
 from shipyard.plan.plan import ParallelPlan, make_plan
-from shipyard.runtime.local import is_embedded, wants_full_ray
+from shipyard.runtime.local import environment, is_embedded, wants_full_ray
 from shipyard.spec.cluster import ClusterSpec
 from shipyard.spec.job import JobSpec
 from shipyard.storage import from_ray_storage, mirrored_file, ray_storage
@@ -165,12 +165,8 @@ def ray_train_settings() -> Iterator[None]:
     if is_embedded() and not wants_full_ray():
         settings[METRICS_SWITCH] = "0"
     chosen = {name: value for name, value in settings.items() if name not in os.environ}
-    os.environ.update(chosen)
-    try:
+    with environment(chosen):
         yield
-    finally:
-        for name in chosen:
-            os.environ.pop(name, None)
 
 
 def metrics_log(job: JobSpec):
